@@ -150,17 +150,48 @@ impl FinDir {
 pub enum Frame<'a> {
     Hello(Hello),
     HelloAck(HelloAck),
-    Open { cid: u32, connector: &'a str, peer: &'a str },
-    OpenOk { cid: u32, backend: &'a str },
-    Data { cid: u32, seq: u32, payload: &'a [u8] },
-    Window { cid: u32, increment: u32 },
-    Fin { cid: u32, dir: FinDir },
-    Rst { cid: u32, code: u16, reason: &'a str },
-    Ping { opaque: u64 },
-    Pong { opaque: u64 },
+    Open {
+        cid: u32,
+        connector: &'a str,
+        peer: &'a str,
+    },
+    OpenOk {
+        cid: u32,
+        backend: &'a str,
+    },
+    Data {
+        cid: u32,
+        seq: u32,
+        payload: &'a [u8],
+    },
+    Window {
+        cid: u32,
+        increment: u32,
+    },
+    Fin {
+        cid: u32,
+        dir: FinDir,
+    },
+    Rst {
+        cid: u32,
+        code: u16,
+        reason: &'a str,
+    },
+    Ping {
+        opaque: u64,
+    },
+    Pong {
+        opaque: u64,
+    },
     Health(HealthReport),
-    GoAway { code: u16, last_cid: u32, reason: &'a str },
-    Renew { token: &'a str },
+    GoAway {
+        code: u16,
+        last_cid: u32,
+        reason: &'a str,
+    },
+    Renew {
+        token: &'a str,
+    },
     RenewAck(RenewAck),
 }
 
@@ -439,9 +470,7 @@ pub fn decode_one(
             if !body.is_ascii() {
                 return Err(DecodeError::BadUtf8);
             }
-            Frame::Renew {
-                token: utf8(body)?,
-            }
+            Frame::Renew { token: utf8(body)? }
         }
     };
     Ok((frame, HEADER_LEN + len))
@@ -593,8 +622,25 @@ pub fn encode_data_parts(out: &mut Vec<u8>, cid: u32, seq: u32, parts: [&[u8]; 2
     out.reserve(HEADER_LEN + DATA_OVERHEAD + n);
     put_header(out, FrameType::Data, cid, DATA_OVERHEAD + n);
     out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(parts[0]);
-    out.extend_from_slice(parts[1]);
+    extend_payload(out, parts[0]);
+    extend_payload(out, parts[1]);
+}
+
+/// Largest piece [`extend_payload`] hands to `memcpy` at once: below glibc's `rep movsb`
+/// threshold (2112 B on x86-64 with AVX2), so the copy stays on memcpy's vector loop.
+pub(crate) const COPY_PIECE: usize = 2048;
+
+/// Appends `src` to `out` — `extend_from_slice` for payload-sized copies.
+///
+/// Why in pieces: glibc's memcpy switches to `rep movsb` above ~2 KiB, and on AMD Zen 3 (EPYC
+/// under KVM, glibc 2.36, measured) that runs at ~1.5 GB/s instead of ~40 GB/s whenever the
+/// destination lies 1–31 bytes past the source modulo 4 KiB. The 13-byte DATA header between
+/// 16-byte-aligned buffers hits exactly that. Pieces of 2 KiB cost one call each elsewhere.
+pub(crate) fn extend_payload(out: &mut Vec<u8>, src: &[u8]) {
+    out.reserve(src.len());
+    for piece in src.chunks(COPY_PIECE) {
+        out.extend_from_slice(piece);
+    }
 }
 
 /// Appends a DATA frame.

@@ -55,13 +55,17 @@ mod stream;
 pub mod time;
 
 #[cfg(any(test, feature = "testing"))]
+pub mod fuzzing;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod transcript;
 
 pub use codes::{close, Code, Side};
 pub use config::Config;
+pub use core::time::Duration;
 pub use event::Event;
 pub use frame::{DecodeError, Frame};
 pub use json::{BackendHealth, ConnectorHealth, HealthReport, Hello, HelloAck, Rejected, RenewAck};
 pub use session::{OpenError, Session};
 pub use time::Instant;
-pub use core::time::Duration;

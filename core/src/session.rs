@@ -8,8 +8,8 @@ use crate::codes::{close, Code, Side};
 use crate::config::{Config, MAX_CREDIT};
 use crate::event::Event;
 use crate::frame::{
-    encode_data_parts, truncate_utf8, DecodeError, Decoder, FinDir, Frame, DATA_OVERHEAD,
-    HEADER_LEN, MAX_REASON,
+    decode_one, encode_data_parts, extend_payload, truncate_utf8, DecodeError, FinDir, Frame,
+    COPY_PIECE, DATA_OVERHEAD, HEADER_LEN, MAX_REASON,
 };
 use crate::json::{HealthReport, Hello, HelloAck, RenewAck, PROTOCOL_VERSION};
 use crate::stream::{Phase, Stream};
@@ -21,6 +21,13 @@ const MIN_RTT: Duration = Duration::from_millis(1);
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
 /// The idle/open sweeper runs this often (§10: reset within one second after the timeout).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// An owned copy of a DATA payload (for `Event::Data`).
+fn payload_vec(payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len());
+    extend_payload(&mut v, payload);
+    v
+}
 
 /// Why `Session::open` refused to open a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,7 +286,11 @@ impl Session {
             State::Closed => {}
             State::AwaitHello | State::HelloReceived | State::AwaitHelloAck => {
                 if now >= self.created + self.config.hello_timeout {
-                    let what = if self.side == Side::Hub { "HELLO" } else { "HELLO_ACK" };
+                    let what = if self.side == Side::Hub {
+                        "HELLO"
+                    } else {
+                        "HELLO_ACK"
+                    };
                     self.close_session(close::TIMEOUT, &format!("{what} timeout"));
                 }
             }
@@ -354,9 +365,15 @@ impl Session {
         }
         self.last_recv = now;
         let peer = self.side.peer();
-        for item in Decoder::new(msg, peer, self.max_frame) {
-            match item {
-                Ok(frame) => self.handle_frame(now, frame),
+        // Frame by frame with the current `max_frame`: a HELLO_ACK changes it for the DATA that
+        // follows in the same message (§10: HELLO_ACK's max_frame bounds DATA).
+        let mut rest = msg;
+        while !rest.is_empty() {
+            match decode_one(rest, peer, self.max_frame) {
+                Ok((frame, used)) => {
+                    rest = &rest[used..];
+                    self.handle_frame(now, frame);
+                }
                 Err(e) => {
                     self.protocol_error(&format!("bad frame: {e}"));
                     return;
@@ -384,6 +401,11 @@ impl Session {
                     self.close_session(close::UNSUPPORTED_VERSION, "unsupported protocol version");
                     return;
                 }
+                // §4: credit never exceeds 2^31−1, so neither can the initial window.
+                if u64::from(h.window) > MAX_CREDIT {
+                    self.protocol_error("HELLO window above 2^31-1");
+                    return;
+                }
                 self.peer_window = h.window;
                 self.peer_max_streams = h.max_streams;
                 self.state = State::HelloReceived;
@@ -397,6 +419,10 @@ impl Session {
                 }
                 if a.max_frame == 0 {
                     self.protocol_error("HELLO_ACK max_frame 0");
+                    return;
+                }
+                if u64::from(a.window) > MAX_CREDIT {
+                    self.protocol_error("HELLO_ACK window above 2^31-1");
                     return;
                 }
                 self.peer_window = a.window;
@@ -559,10 +585,10 @@ impl Session {
         if s.phase == Phase::Opening {
             // Agent: pipelined DATA waits until the target is connected.
             match s.held.last_mut() {
-                Some(Event::Data { data, .. }) => data.extend_from_slice(payload),
+                Some(Event::Data { data, .. }) => extend_payload(data, payload),
                 _ => s.held.push(Event::Data {
                     cid,
-                    data: payload.to_vec(),
+                    data: payload_vec(payload),
                 }),
             }
             return;
@@ -570,13 +596,13 @@ impl Session {
         // Coalesce back-to-back DATA of one stream into one event.
         if let Some(Event::Data { cid: c, data }) = self.events.back_mut() {
             if *c == cid {
-                data.extend_from_slice(payload);
+                extend_payload(data, payload);
                 return;
             }
         }
         self.events.push_back(Event::Data {
             cid,
-            data: payload.to_vec(),
+            data: payload_vec(payload),
         });
     }
 
@@ -783,7 +809,11 @@ impl Session {
         if n == 0 {
             return 0;
         }
-        s.tx.buf.extend(&data[..n]);
+        // In pieces, like `extend_payload` (frame.rs says why).
+        s.tx.buf.reserve(n);
+        for piece in data[..n].chunks(COPY_PIECE) {
+            s.tx.buf.extend(piece);
+        }
         s.last_activity = now;
         if !s.queued {
             s.queued = true;
@@ -1013,6 +1043,8 @@ impl Session {
             reason: reason.to_owned(),
             remote: false,
         });
+        // A draining session whose last stream dies of an error is drained now (§6).
+        self.maybe_drained();
     }
 
     fn maybe_stream_closed(&mut self, cid: u32) {
@@ -1108,7 +1140,8 @@ impl Session {
                 return Err(format!("stream {cid}: queued flag without ready entry"));
             }
             let held_back = self.side == Side::Agent && s.phase == Phase::Opening;
-            if s.tx.wants_transmit() && !s.queued && !held_back && self.state == State::Established {
+            if s.tx.wants_transmit() && !s.queued && !held_back && self.state == State::Established
+            {
                 return Err(format!("stream {cid}: pending output not scheduled"));
             }
             grown += s.rx.window.saturating_sub(u64::from(self.config.window));

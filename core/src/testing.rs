@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use core::time::Duration;
 
-use crate::{Code, Config, Event, HelloAck, Hello, Instant, Rejected, Session, Side};
+use crate::{Code, Config, Event, Frame, Hello, HelloAck, Instant, Rejected, Session, Side};
 
 /// What one side of a [`Pair`] saw and received.
 #[derive(Debug, Default)]
@@ -55,7 +55,16 @@ pub struct Pair {
     pub check: bool,
     /// Keep delivered bytes in `received` (off for benchmarks).
     pub record: bool,
-    buf: Vec<u8>,
+    /// Link cut hub → agent: everything the hub sends (or is injected that way) is dropped.
+    pub cut_to_agent: bool,
+    /// Link cut agent → hub: everything the agent sends (or is injected that way) is dropped.
+    pub cut_to_hub: bool,
+    /// Latency hub → agent: messages stay queued in `to_agent`, in order, until cleared.
+    pub hold_to_agent: bool,
+    /// Latency agent → hub: messages stay queued in `to_hub`, in order, until cleared.
+    pub hold_to_hub: bool,
+    /// Delivered messages, reused as buffers for the next ones (no copy per message).
+    spare: Vec<Vec<u8>>,
 }
 
 /// A HELLO for tests.
@@ -85,7 +94,11 @@ impl Pair {
             auto_accept: true,
             check: true,
             record: true,
-            buf: Vec::new(),
+            cut_to_agent: false,
+            cut_to_hub: false,
+            hold_to_agent: false,
+            hold_to_hub: false,
+            spare: Vec::new(),
         }
     }
 
@@ -146,12 +159,26 @@ impl Pair {
             moved |= self.flush(side);
             moved |= self.pump_events(side);
         }
-        while let Some(m) = self.to_agent.pop_front() {
+        if self.cut_to_agent {
+            self.to_agent.clear();
+        }
+        if self.cut_to_hub {
+            self.to_hub.clear();
+        }
+        while !self.hold_to_agent {
+            let Some(m) = self.to_agent.pop_front() else {
+                break;
+            };
             self.agent.handle_message(self.now, &m);
+            self.spare.push(m);
             moved = true;
         }
-        while let Some(m) = self.to_hub.pop_front() {
+        while !self.hold_to_hub {
+            let Some(m) = self.to_hub.pop_front() else {
+                break;
+            };
             self.hub.handle_message(self.now, &m);
+            self.spare.push(m);
             moved = true;
         }
         for side in [Side::Hub, Side::Agent] {
@@ -182,6 +209,7 @@ impl Pair {
     pub fn advance(&mut self, d: Duration) {
         let target = self.now + d;
         // Visit every timer deadline on the way so nothing fires late.
+        let mut same_instant = 0;
         loop {
             let next = [self.hub.poll_timeout(), self.agent.poll_timeout()]
                 .into_iter()
@@ -189,6 +217,9 @@ impl Pair {
                 .filter(|t| *t <= target)
                 .min();
             let Some(t) = next else { break };
+            // A timer still due after `handle_timeout` ran at its instant is a bug: fail, not hang.
+            same_instant = if t <= self.now { same_instant + 1 } else { 0 };
+            assert!(same_instant < 1_000, "timer due at {t:?} does not fire");
             self.now = t.max(self.now);
             self.hub.handle_timeout(self.now);
             self.agent.handle_timeout(self.now);
@@ -203,23 +234,22 @@ impl Pair {
     fn flush(&mut self, side: Side) -> bool {
         let mut moved = false;
         let now = self.now;
-        let mut buf = std::mem::take(&mut self.buf);
         loop {
+            let mut buf = self.spare.pop().unwrap_or_default();
             buf.clear();
             if !self.session(side).poll_transmit(now, &mut buf) {
+                self.spare.push(buf);
                 break;
             }
             moved = true;
             let end = self.end(side);
             end.messages_sent += 1;
             end.bytes_sent += buf.len() as u64;
-            let msg = buf.clone();
             match side {
-                Side::Hub => self.to_agent.push_back(msg),
-                Side::Agent => self.to_hub.push_back(msg),
+                Side::Hub => self.to_agent.push_back(buf),
+                Side::Agent => self.to_hub.push_back(buf),
             }
         }
-        self.buf = buf;
         moved
     }
 
@@ -233,7 +263,10 @@ impl Pair {
                     let record = self.record;
                     let end = self.end(side);
                     if record {
-                        end.received.entry(cid).or_default().extend_from_slice(&data);
+                        end.received
+                            .entry(cid)
+                            .or_default()
+                            .extend_from_slice(&data);
                     }
                     if end.stalled.contains(&cid) {
                         *end.unreleased.entry(cid).or_default() += data.len();
@@ -307,6 +340,17 @@ impl Pair {
         self.session(side).reset(now, cid, code, "test reset");
     }
 
+    /// Puts `frame`, as if sent by `from`, on the wire as a message of its own (after whatever
+    /// is already queued); the next `step` delivers it. For crafting peer misbehaviour.
+    pub fn inject(&mut self, from: Side, frame: &Frame<'_>) {
+        let mut msg = Vec::new();
+        frame.encode(&mut msg);
+        match from {
+            Side::Hub => self.to_agent.push_back(msg),
+            Side::Agent => self.to_hub.push_back(msg),
+        }
+    }
+
     /// Panics if either side's invariants are broken.
     pub fn check_invariants(&self) {
         if let Err(e) = self.hub.check_invariants() {
@@ -319,6 +363,9 @@ impl Pair {
 
     /// Bytes `side` received on `cid`.
     pub fn received(&mut self, side: Side, cid: u32) -> &[u8] {
-        self.end(side).received.get(&cid).map_or(&[], |v| v.as_slice())
+        self.end(side)
+            .received
+            .get(&cid)
+            .map_or(&[], |v| v.as_slice())
     }
 }
