@@ -1,0 +1,356 @@
+//! One thread per client (hub) or target (agent) socket, owning both directions of it
+//! (DESIGN.md "Threads"). It polls the socket — readable only while its stream has credit,
+//! writable only while it has bytes to write — and its own waker.
+//!
+//! Hand-offs with the tunnel thread:
+//! - tunnel → socket: [`StreamLink`]: published credit (an atomic), and an inbox of received
+//!   DATA / FIN / RST behind a mutex held for a push or a swap only. The inbox needs no bound of
+//!   its own: the session emits DATA only within the receive window this side granted, and
+//!   credit comes back only after the bytes left the inbox (release), so it never holds more
+//!   than one window.
+//! - socket → tunnel: [`StreamCommand`]s on the bounded queue, plus a wake.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use nowconnect_core::Code;
+use rustix::event::{poll, PollFd, PollFlags};
+
+use crate::command::{StreamCommand, TunnelPort};
+use crate::sockopt;
+use crate::waker::Waker;
+
+/// Stack of a socket thread. Only touched pages cost memory; the loop below needs a few KiB.
+/// 10 000 streams per hub is a design point (DESIGN.md).
+pub const STREAM_STACK_SIZE: usize = 128 * 1024;
+
+/// Largest single read from a local socket (one DATA hand-off; the session splits it into
+/// `max_frame` chunks).
+const MAX_READ: usize = 64 * 1024;
+/// Smallest read buffer: interactive streams read a few bytes at a time.
+const MIN_READ: usize = 4 * 1024;
+/// Reads per loop turn before the thread looks at its inbox and writes again.
+const READS_PER_TURN: usize = 16;
+
+/// Spawn a named socket thread with the small stack socket threads use. The agent runs its
+/// target connect in one and then [`OpenRequest::accept`](crate::OpenRequest::accept)s on it,
+/// so that thread becomes the stream's socket thread.
+pub fn spawn_stream_thread<F>(name: String, f: F) -> io::Result<JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    thread::Builder::new()
+        .name(name)
+        .stack_size(STREAM_STACK_SIZE)
+        .spawn(f)
+}
+
+/// What the tunnel thread has for a socket thread.
+#[derive(Debug, Default)]
+struct Inbox {
+    data: VecDeque<Vec<u8>>,
+    /// Peer FIN, after all of `data`.
+    finished: bool,
+    /// RST (either side) or session death: close abortively now.
+    reset: bool,
+}
+
+/// State shared between the tunnel thread and one socket thread.
+#[derive(Debug)]
+pub(crate) struct StreamLink {
+    pub cid: u32,
+    pub waker: Waker,
+    /// Bytes the socket thread may still read and hand over. The tunnel thread adds what the
+    /// session can accept (`send_capacity` minus what is already granted); the socket thread
+    /// subtracts what it read. So `Session::send` always accepts a whole hand-off.
+    credit: AtomicUsize,
+    inbox: Mutex<Inbox>,
+}
+
+impl StreamLink {
+    pub fn new(cid: u32) -> io::Result<Arc<StreamLink>> {
+        Ok(Arc::new(StreamLink {
+            cid,
+            waker: Waker::new()?,
+            credit: AtomicUsize::new(0),
+            inbox: Mutex::new(Inbox::default()),
+        }))
+    }
+
+    fn inbox(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        // A panic while holding this lock cannot leave the inbox inconsistent (push/swap only).
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tunnel thread: DATA for the local socket.
+    pub fn deliver(&self, data: Vec<u8>) {
+        self.inbox().data.push_back(data);
+        self.waker.wake();
+    }
+
+    /// Tunnel thread: peer FIN — shut the socket's write half after the data.
+    pub fn finish(&self) {
+        self.inbox().finished = true;
+        self.waker.wake();
+    }
+
+    /// Tunnel thread: abort the socket (SO_LINGER 0).
+    pub fn reset(&self) {
+        self.inbox().reset = true;
+        self.waker.wake();
+    }
+
+    /// Tunnel thread: let the socket thread read `n` more bytes.
+    pub fn grant(&self, n: usize) {
+        // From zero the socket thread has stopped polling for readable: wake it.
+        if self.credit.fetch_add(n, Ordering::AcqRel) == 0 {
+            self.waker.wake();
+        }
+    }
+}
+
+/// Why a socket thread ended.
+enum Exit {
+    /// Both directions finished cleanly.
+    Done,
+    /// Abort the socket (RST to the local peer).
+    Abort,
+}
+
+/// A socket thread's state.
+struct SocketThread {
+    link: Arc<StreamLink>,
+    socket: TcpStream,
+    port: TunnelPort,
+    /// Received DATA not yet written to the socket; `written` bytes of the front are.
+    out: VecDeque<Vec<u8>>,
+    written: usize,
+    /// Peer FIN received: shut the write half once `out` is empty.
+    peer_finished: bool,
+    write_closed: bool,
+    /// Local EOF seen and FIN requested.
+    read_closed: bool,
+    read_size: usize,
+    /// The socket reported HUP while we wanted neither direction: leave it out of poll until
+    /// we do, or poll would return at once forever.
+    hung_up: bool,
+}
+
+/// Run a stream's socket thread on the current thread until both directions are done or the
+/// stream is reset. Owns `socket`.
+pub(crate) fn run(link: Arc<StreamLink>, socket: TcpStream, port: TunnelPort) {
+    let cid = link.cid;
+    if let Err(e) = socket
+        .set_nonblocking(true)
+        .and_then(|()| sockopt::tune_stream_socket(&socket))
+    {
+        log::warn!("stream {cid}: socket setup failed: {e}");
+        let _ = port.send(StreamCommand::Reset {
+            cid,
+            code: Code::INTERNAL,
+            reason: "socket setup failed",
+        });
+        sockopt::abort(socket);
+        return;
+    }
+    let mut t = SocketThread {
+        link,
+        socket,
+        port,
+        out: VecDeque::new(),
+        written: 0,
+        peer_finished: false,
+        write_closed: false,
+        read_closed: false,
+        read_size: MIN_READ,
+        hung_up: false,
+    };
+    match t.run() {
+        Exit::Done => log::trace!("stream {cid}: socket thread done"),
+        Exit::Abort => sockopt::abort(t.socket),
+    }
+}
+
+impl SocketThread {
+    fn run(&mut self) -> Exit {
+        loop {
+            self.link.waker.reset();
+            {
+                let mut inbox = self.link.inbox();
+                if inbox.reset {
+                    return Exit::Abort;
+                }
+                self.out.append(&mut inbox.data);
+                self.peer_finished |= inbox.finished;
+            }
+            if let Err(exit) = self.write_out() {
+                return exit;
+            }
+            let more = match self.read_in() {
+                Ok(more) => more,
+                Err(exit) => return exit,
+            };
+            if self.read_closed && self.write_closed {
+                return Exit::Done;
+            }
+            if !more {
+                if let Err(exit) = self.wait() {
+                    return exit;
+                }
+            }
+        }
+    }
+
+    /// Tell the tunnel thread; if it has ended, the stream is dead.
+    fn send(&self, cmd: StreamCommand) -> Result<(), Exit> {
+        self.port.send(cmd).map_err(|_| Exit::Abort)
+    }
+
+    /// The local peer broke the connection (§4: ECONNRESET → RST RESET_BY_PEER).
+    fn local_failure(&self, e: &io::Error) -> Exit {
+        let cid = self.link.cid;
+        let (code, reason) = match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::TimedOut => (Code::RESET_BY_PEER, "reset by peer"),
+            _ => (Code::INTERNAL, "local socket error"),
+        };
+        log::debug!("stream {cid}: local socket: {e}");
+        let _ = self.port.send(StreamCommand::Reset { cid, code, reason });
+        Exit::Abort
+    }
+
+    /// Write received DATA to the socket until done or it would block; release what was
+    /// written (one command per turn, not per write).
+    fn write_out(&mut self) -> Result<(), Exit> {
+        let mut released = 0;
+        let mut failure = None;
+        while let Some(front) = self.out.front() {
+            match (&self.socket).write(&front[self.written..]) {
+                Ok(n) => {
+                    released += n;
+                    self.written += n;
+                    if self.written == front.len() {
+                        self.out.pop_front();
+                        self.written = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(self.local_failure(&e));
+        }
+        if released > 0 {
+            // No `?`: after a clean close the tunnel may be gone (drained, closed 1000) while
+            // this thread still writes the tail; the release no longer matters then. A tunnel
+            // that died resets the stream through the inbox instead.
+            let _ = self.port.send(StreamCommand::Release {
+                cid: self.link.cid,
+                n: released,
+            });
+        }
+        if self.out.is_empty() && self.peer_finished && !self.write_closed {
+            // §4: peer FIN → shut down our write half; the local peer sees EOF.
+            let _ = self.socket.shutdown(Shutdown::Write);
+            self.write_closed = true;
+        }
+        Ok(())
+    }
+
+    /// Read within credit and hand the bytes over. `Ok(true)` when the turn budget ran out
+    /// with the socket possibly still readable.
+    fn read_in(&mut self) -> Result<bool, Exit> {
+        let cid = self.link.cid;
+        for _ in 0..READS_PER_TURN {
+            if self.read_closed {
+                return Ok(false);
+            }
+            let credit = self.link.credit.load(Ordering::Acquire);
+            if credit == 0 {
+                return Ok(false);
+            }
+            let want = credit.min(self.read_size);
+            // Sized to what this stream has been reading lately, so an interactive stream does
+            // not allocate (and zero) 64 KiB per keystroke; the Vec moves on without a copy.
+            let mut buf = vec![0u8; want];
+            match (&self.socket).read(&mut buf) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    self.send(StreamCommand::Finish { cid })?;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    self.link.credit.fetch_sub(n, Ordering::AcqRel);
+                    if n == self.read_size {
+                        self.read_size = (self.read_size * 2).min(MAX_READ);
+                    } else if n < self.read_size / 4 {
+                        self.read_size = (self.read_size / 2).max(MIN_READ);
+                    }
+                    self.send(StreamCommand::Data { cid, data: buf })?;
+                    if n < want {
+                        // Most likely drained; poll says for sure.
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.local_failure(&e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sleep until the socket is ready for what we want or the tunnel thread wakes us.
+    fn wait(&mut self) -> Result<(), Exit> {
+        let mut interest = PollFlags::empty();
+        if !self.read_closed && self.link.credit.load(Ordering::Acquire) > 0 {
+            interest |= PollFlags::IN;
+        }
+        if !self.out.is_empty() {
+            interest |= PollFlags::OUT;
+        }
+        if !interest.is_empty() {
+            self.hung_up = false;
+        }
+        let waker = PollFd::new(&self.link.waker, PollFlags::IN);
+        let mut fds = [waker, PollFd::new(&self.socket, interest)];
+        // Without interest the socket is still polled, for errors: a client that resets while
+        // its stream waits for credit is noticed now, not when credit returns.
+        let n = if self.hung_up { 1 } else { 2 };
+        match poll(&mut fds[..n], None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                log::error!("stream {}: poll: {e}", self.link.cid);
+                return Err(self.local_failure(&e.into()));
+            }
+        }
+        if n == 2 {
+            let revents = fds[1].revents();
+            if revents.contains(PollFlags::ERR) {
+                let e = self
+                    .socket
+                    .take_error()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into());
+                return Err(self.local_failure(&e));
+            }
+            if revents.contains(PollFlags::HUP) && interest.is_empty() {
+                self.hung_up = true;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,714 @@
+//! The tunnel thread: ONE thread per tunnel owns the WebSocket and the core `Session`.
+//!
+//! It sleeps in `poll(2)` on the WebSocket's socket (readable always; writable only while it
+//! has unflushed output) and its waker, with the session's next timer as timeout — never a
+//! read-timeout loop. Each turn: run due timers, drain the command queues, read what the
+//! socket has, then drain the session (events to socket threads and the handler; each
+//! `poll_transmit` output is one binary WebSocket message) and write until `WouldBlock`.
+//! It never waits on a socket thread: DATA goes into that stream's inbox (bounded by the
+//! window this side granted), credit into an atomic.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant as StdInstant};
+
+use crossbeam_channel::Receiver;
+use nowconnect_core::frame::truncate_utf8;
+use nowconnect_core::{close, Event, Instant, Session};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::{Bytes, Message};
+
+use crate::clock;
+use crate::command::{Control, StreamCommand, TunnelPort, STREAM_QUEUE};
+use crate::handle::{OpenRequest, StreamEnd, TunnelHandle, TunnelHandler, TunnelStatus};
+use crate::sockopt;
+use crate::stream::{self, StreamLink};
+use crate::waker::Waker;
+use crate::ws::TunnelSocket;
+
+/// Stack of a tunnel thread (handler callbacks run on it; there are few tunnels).
+pub const TUNNEL_STACK_SIZE: usize = 512 * 1024;
+
+/// Close code recorded (never sent) when the connection itself was lost (RFC 6455 §7.4.1).
+pub const CONNECTION_LOST: u16 = 1006;
+
+/// Close code for a tunnel thread that died of a bug (RFC 6455 "internal error").
+const INTERNAL_ERROR: u16 = 1011;
+
+/// WebSocket messages read per turn before the thread writes again: reading must not starve
+/// writing under two-way load.
+const READS_PER_TURN: usize = 64;
+/// How long a closing tunnel waits to flush its Close and close_notify and to hear the peer's
+/// Close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// RFC 6455 §5.5: a control frame's payload is at most 125 bytes, 2 of them the code.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// How a tunnel ended: the WebSocket close code (§7; [`CONNECTION_LOST`] when the connection
+/// failed) and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelEnd {
+    /// Close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// A running tunnel: its handle and its thread.
+#[derive(Debug)]
+pub struct Tunnel {
+    handle: TunnelHandle,
+    thread: JoinHandle<TunnelEnd>,
+}
+
+impl Tunnel {
+    /// Start the tunnel thread `nc-tunnel-<id>` for an upgraded WebSocket and a fresh
+    /// session of either side (created with [`clock::now`](crate::now)).
+    pub fn spawn(
+        id: &str,
+        mut ws: TunnelSocket,
+        session: Session,
+        handler: Box<dyn TunnelHandler>,
+    ) -> io::Result<Tunnel> {
+        ws.get_mut().set_nonblocking()?;
+        sockopt::tune_tunnel_socket(ws.get_ref().tcp())?;
+        let waker = Arc::new(Waker::new()?);
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (stream_tx, stream_rx) = crossbeam_channel::bounded(STREAM_QUEUE);
+        let status = Arc::new(TunnelStatus::default());
+        let port = TunnelPort {
+            tx: stream_tx,
+            waker: waker.clone(),
+        };
+        let handle = TunnelHandle::new(id.to_owned(), control_tx, port, status.clone());
+        let mut t = TunnelThread {
+            ws,
+            session,
+            handler,
+            handle: handle.clone(),
+            waker,
+            control_rx,
+            stream_rx,
+            status,
+            streams: HashMap::new(),
+            pending_opens: HashSet::new(),
+            credit_dirty: Vec::new(),
+            out: Vec::new(),
+            ws_blocked: false,
+            ws_lost: false,
+            read_more: false,
+            readable: true,
+            writable: false,
+            end: None,
+        };
+        let thread = thread::Builder::new()
+            .name(format!("nc-tunnel-{id}"))
+            .stack_size(TUNNEL_STACK_SIZE)
+            .spawn(move || t.run())?;
+        Ok(Tunnel { handle, thread })
+    }
+
+    /// Commands into the tunnel.
+    pub fn handle(&self) -> &TunnelHandle {
+        &self.handle
+    }
+
+    /// Wait for the tunnel to end.
+    pub fn join(self) -> TunnelEnd {
+        self.thread.join().unwrap_or_else(|_| TunnelEnd {
+            code: INTERNAL_ERROR,
+            reason: "tunnel thread panicked".into(),
+        })
+    }
+}
+
+/// A stream's socket thread as the tunnel thread sees it.
+#[derive(Debug)]
+struct Linked {
+    link: Arc<StreamLink>,
+    /// Credit handed to the socket thread and not yet come back as DATA.
+    granted: usize,
+    /// In `credit_dirty`.
+    dirty: bool,
+}
+
+struct TunnelThread {
+    ws: TunnelSocket,
+    session: Session,
+    handler: Box<dyn TunnelHandler>,
+    handle: TunnelHandle,
+    waker: Arc<Waker>,
+    control_rx: Receiver<Control>,
+    stream_rx: Receiver<StreamCommand>,
+    status: Arc<TunnelStatus>,
+    streams: HashMap<u32, Linked>,
+    /// Agent: OPENs handed to the handler and not answered yet.
+    pending_opens: HashSet<u32>,
+    /// Streams whose send capacity may have changed since credit was last published.
+    credit_dirty: Vec<u32>,
+    /// The next WebSocket message being filled by `poll_transmit`.
+    out: Vec<u8>,
+    /// The last flush hit `WouldBlock`: wait for writable, make no new messages meanwhile (the
+    /// session keeps the data, bounded by credit).
+    ws_blocked: bool,
+    /// The connection failed: no Close frame or close_notify can be sent.
+    ws_lost: bool,
+    /// The read budget ran out with messages possibly buffered above the socket (where poll
+    /// cannot see them).
+    read_more: bool,
+    readable: bool,
+    writable: bool,
+    end: Option<TunnelEnd>,
+}
+
+impl TunnelThread {
+    fn run(&mut self) -> TunnelEnd {
+        loop {
+            let now = clock::now();
+            if self.session.poll_timeout().is_some_and(|t| t <= now) {
+                self.session.handle_timeout(now);
+            }
+            self.waker.reset();
+            self.drain_control(now);
+            self.drain_stream_commands(now);
+            if self.writable && self.ws_blocked {
+                self.flush_ws(now);
+            }
+            if self.readable || self.read_more {
+                self.read_ws(now);
+            }
+            self.drive(now);
+            self.publish_credit(now);
+            self.publish_status();
+            if self.session.close_reason().is_some() {
+                break;
+            }
+            self.wait(now);
+        }
+        self.refuse_queued_opens();
+        self.close_connection();
+        self.refuse_queued_opens();
+        self.end.clone().unwrap_or_else(|| {
+            let (code, reason) = self.session.close_reason().unwrap_or((CONNECTION_LOST, ""));
+            TunnelEnd {
+                code,
+                reason: reason.to_owned(),
+            }
+        })
+    }
+
+    // ----- inputs -----
+
+    fn drain_control(&mut self, now: Instant) {
+        while let Ok(cmd) = self.control_rx.try_recv() {
+            match cmd {
+                Control::Open {
+                    client,
+                    connector,
+                    peer,
+                    idle_timeout,
+                } => self.open_stream(now, client, &connector, &peer, idle_timeout),
+                Control::Refuse { cid, code, reason } => {
+                    if self.pending_opens.remove(&cid) {
+                        self.session.reset(now, cid, code, &reason);
+                        self.handler.on_stream_closed(
+                            cid,
+                            StreamEnd::Reset {
+                                code,
+                                reason,
+                                remote: false,
+                            },
+                        );
+                    }
+                }
+                Control::AcceptHello(ack) => self.session.accept_hello(now, ack),
+                Control::RenewAck(exp) => self.session.renew_ack(now, exp),
+                Control::Renew(token) => self.session.renew(now, &token),
+                Control::Health(report) => self.session.send_health(now, &report),
+                Control::GoAway(code, reason) => self.session.goaway(now, code, &reason),
+                Control::Close(code, reason) => self.session.close(now, code, &reason),
+            }
+        }
+    }
+
+    /// Hub: open a stream for `client` and start its socket thread.
+    fn open_stream(
+        &mut self,
+        now: Instant,
+        client: std::net::TcpStream,
+        connector: &str,
+        peer: &str,
+        idle_timeout: Option<Duration>,
+    ) {
+        let cid = match self.session.open(now, connector, peer, idle_timeout) {
+            Ok(cid) => cid,
+            Err(e) => return self.handler.on_open_failed(client, connector, e),
+        };
+        let link = match StreamLink::new(cid) {
+            Ok(link) => link,
+            Err(e) => {
+                log::warn!("stream {cid}: {e}");
+                sockopt::abort(client);
+                return self.fail_stream(now, cid, "out of file descriptors");
+            }
+        };
+        // Registered before its thread exists: its first DATA must find it.
+        self.streams.insert(
+            cid,
+            Linked {
+                link: link.clone(),
+                granted: 0,
+                dirty: false,
+            },
+        );
+        self.mark_dirty(cid);
+        let port = self.handle.port().clone();
+        let name = format!("nc-stream-{cid}");
+        if let Err(e) = stream::spawn_stream_thread(name, move || stream::run(link, client, port)) {
+            log::warn!("stream {cid}: cannot start its thread: {e}");
+            self.streams.remove(&cid);
+            self.fail_stream(now, cid, "cannot start stream thread");
+        }
+    }
+
+    /// A stream this side could not run: RST it and tell the handler.
+    fn fail_stream(&mut self, now: Instant, cid: u32, reason: &str) {
+        let code = nowconnect_core::Code::INTERNAL;
+        self.session.reset(now, cid, code, reason);
+        self.handler.on_stream_closed(
+            cid,
+            StreamEnd::Reset {
+                code,
+                reason: reason.to_owned(),
+                remote: false,
+            },
+        );
+    }
+
+    fn drain_stream_commands(&mut self, now: Instant) {
+        // Bounded per turn so a flood of stream input cannot starve the WebSocket; what is
+        // left makes the next poll return at once.
+        for _ in 0..STREAM_QUEUE {
+            let Ok(cmd) = self.stream_rx.try_recv() else {
+                break;
+            };
+            match cmd {
+                StreamCommand::Data { cid, data } => {
+                    let Some(s) = self.streams.get_mut(&cid) else {
+                        continue; // reset meanwhile: the bytes have nowhere to go
+                    };
+                    s.granted = s.granted.saturating_sub(data.len());
+                    let accepted = self.session.send(now, cid, &data);
+                    if accepted < data.len() {
+                        log::debug!("stream {cid}: {} bytes after finish", data.len() - accepted);
+                    }
+                    self.mark_dirty(cid);
+                }
+                StreamCommand::Finish { cid } => {
+                    if self.streams.contains_key(&cid) {
+                        self.session.finish(now, cid);
+                    }
+                }
+                StreamCommand::Reset { cid, code, reason } => {
+                    if self.streams.remove(&cid).is_some() {
+                        // A local reset yields no session event: report it here.
+                        self.session.reset(now, cid, code, reason);
+                        self.handler.on_stream_closed(
+                            cid,
+                            StreamEnd::Reset {
+                                code,
+                                reason: reason.to_owned(),
+                                remote: false,
+                            },
+                        );
+                    }
+                }
+                StreamCommand::Release { cid, n } => self.session.release(now, cid, n),
+                StreamCommand::Accept {
+                    cid,
+                    link,
+                    backend,
+                    idle_timeout,
+                } => {
+                    if !self.pending_opens.remove(&cid) {
+                        // Reset (hub RST, open timeout, session end) while connecting.
+                        link.reset();
+                        continue;
+                    }
+                    if let Some(t) = idle_timeout {
+                        self.session.set_idle_timeout(cid, t);
+                    }
+                    self.streams.insert(
+                        cid,
+                        Linked {
+                            link,
+                            granted: 0,
+                            dirty: false,
+                        },
+                    );
+                    self.session.accept_stream(now, cid, &backend);
+                    self.mark_dirty(cid);
+                }
+            }
+        }
+    }
+
+    fn read_ws(&mut self, now: Instant) {
+        self.read_more = false;
+        for _ in 0..READS_PER_TURN {
+            match self.ws.read() {
+                Ok(Message::Binary(msg)) => self.session.handle_message(now, &msg),
+                Ok(Message::Text(_)) => self.session.handle_text_message(now),
+                // tungstenite queues the pong itself; liveness is the protocol's PING (§5).
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Ok(Message::Close(frame)) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    log::debug!("tunnel {}: peer closed: {code} {reason}", self.handle.id());
+                    self.session.close(now, code, &reason);
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(tungstenite::Error::Capacity(_)) => {
+                    // §10: a message over max_message is 4400, not WebSocket 1009.
+                    self.session.close(
+                        now,
+                        close::PROTOCOL_ERROR,
+                        "protocol error: message larger than max_message",
+                    );
+                }
+                Err(e) => self.lost(now, &e),
+            }
+            if self.session.close_reason().is_some() {
+                return;
+            }
+        }
+        self.read_more = true;
+    }
+
+    // ----- outputs -----
+
+    /// Drain the session: events, then messages, until neither is left or the socket is full.
+    fn drive(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            while let Some(ev) = self.session.poll_event() {
+                self.dispatch(ev);
+                progressed = true;
+            }
+            if !self.ws_blocked && !self.ws_lost && self.session.poll_transmit(now, &mut self.out) {
+                self.send_message(now);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        // Records rustls queued on its own (alerts, key updates) and tungstenite's pongs.
+        if !self.ws_blocked && !self.ws_lost {
+            self.flush_ws(now);
+        }
+    }
+
+    fn send_message(&mut self, now: Instant) {
+        let next = Vec::with_capacity(self.out.len());
+        let payload = Bytes::from(std::mem::replace(&mut self.out, next));
+        match self.ws.write(Message::Binary(payload)) {
+            Ok(()) => self.flush_ws(now),
+            // tungstenite kept the frame; it goes out with the next flush.
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.ws_blocked = true;
+            }
+            Err(e) => self.lost(now, &e),
+        }
+    }
+
+    fn flush_ws(&mut self, now: Instant) {
+        match self.ws.flush() {
+            Ok(()) => self.ws_blocked = false,
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.ws_blocked = true;
+            }
+            Err(e) => self.lost(now, &e),
+        }
+    }
+
+    fn lost(&mut self, now: Instant, e: &tungstenite::Error) {
+        if !self.ws_lost {
+            self.ws_lost = true;
+            log::debug!("tunnel {}: connection lost: {e}", self.handle.id());
+            self.session
+                .close(now, CONNECTION_LOST, &format!("connection lost: {e}"));
+        }
+    }
+
+    fn dispatch(&mut self, ev: Event) {
+        let tunnel = &self.handle;
+        match ev {
+            Event::Data { cid, data } => {
+                if let Some(s) = self.streams.get(&cid) {
+                    s.link.deliver(data);
+                }
+            }
+            Event::Writable { cid } => self.mark_dirty(cid),
+            Event::Finished { cid } => {
+                if let Some(s) = self.streams.get(&cid) {
+                    s.link.finish();
+                }
+            }
+            Event::Reset {
+                cid,
+                code,
+                reason,
+                remote,
+            } => {
+                if let Some(s) = self.streams.remove(&cid) {
+                    s.link.reset();
+                } else if !self.pending_opens.remove(&cid) {
+                    return;
+                }
+                let end = StreamEnd::Reset {
+                    code,
+                    reason,
+                    remote,
+                };
+                self.handler.on_stream_closed(cid, end);
+            }
+            Event::StreamClosed { cid } => {
+                // Its socket thread may still be writing the tail; it ends by itself.
+                self.streams.remove(&cid);
+                self.handler.on_stream_closed(cid, StreamEnd::Closed);
+            }
+            Event::OpenRequest {
+                cid,
+                connector,
+                peer,
+            } => {
+                self.pending_opens.insert(cid);
+                let request = OpenRequest::new(cid, connector, peer, tunnel.clone());
+                self.handler.on_open_request(request);
+            }
+            Event::Opened { cid, backend } => self.handler.on_stream_opened(cid, &backend),
+            Event::Hello(hello) => self.handler.on_hello(tunnel, hello),
+            Event::Established(ack) => {
+                self.status.established.store(true, Ordering::Relaxed);
+                self.handler.on_established(tunnel, &ack);
+            }
+            Event::Health(report) => self.handler.on_health(tunnel, report),
+            Event::Renew { token } => self.handler.on_renew(tunnel, token),
+            Event::RenewAck { exp } => self.handler.on_renew_ack(tunnel, exp),
+            Event::GoAway {
+                code,
+                last_cid,
+                reason,
+            } => self.handler.on_goaway(tunnel, code, last_cid, &reason),
+            Event::SessionClosed { code, reason } => {
+                self.status.closed.store(true, Ordering::Relaxed);
+                self.handler.on_closed(code, &reason);
+                self.end = Some(TunnelEnd { code, reason });
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, cid: u32) {
+        if let Some(s) = self.streams.get_mut(&cid) {
+            if !s.dirty {
+                s.dirty = true;
+                self.credit_dirty.push(cid);
+            }
+        }
+    }
+
+    /// Hand socket threads the send capacity the session has beyond what they already hold.
+    fn publish_credit(&mut self, now: Instant) {
+        let mut dirty = std::mem::take(&mut self.credit_dirty);
+        for cid in dirty.drain(..) {
+            let Some(s) = self.streams.get_mut(&cid) else {
+                continue;
+            };
+            s.dirty = false;
+            let capacity = self.session.send_capacity(cid);
+            if capacity > s.granted {
+                s.link.grant(capacity - s.granted);
+                s.granted = capacity;
+            } else if capacity == 0 && s.granted == 0 {
+                // Out of credit everywhere. A send refused for lack of capacity is what makes
+                // the session report `Writable` when WINDOW returns some; the byte is never
+                // queued (capacity is 0).
+                let _ = self.session.send(now, cid, &[0]);
+            }
+        }
+        self.credit_dirty = dirty;
+    }
+
+    fn publish_status(&self) {
+        let s = &self.status;
+        s.active_streams
+            .store(self.session.active_streams(), Ordering::Relaxed);
+        s.established
+            .store(self.session.is_established(), Ordering::Relaxed);
+        s.draining.store(
+            self.session.is_draining() || self.session.peer_draining(),
+            Ordering::Relaxed,
+        );
+        if self.session.close_reason().is_some() {
+            s.closed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Sleep until the socket or the waker is ready, or the session's next timer.
+    fn wait(&mut self, now: Instant) {
+        let mut timeout = self.session.poll_timeout().map(clock::until);
+        if self.read_more || !self.stream_rx.is_empty() {
+            timeout = Some(Duration::ZERO);
+        }
+        let mut interest = PollFlags::IN;
+        if self.ws_blocked || self.ws.get_ref().wants_write() {
+            interest |= PollFlags::OUT;
+        }
+        let timespec = timeout.map(|d| Timespec {
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        let mut fds = [
+            PollFd::new(self.ws.get_ref().tcp(), interest),
+            PollFd::new(&*self.waker, PollFlags::IN),
+        ];
+        let result = poll(&mut fds, timespec.as_ref());
+        let revents = fds[0].revents();
+        // HUP/ERR: let the read or the flush surface the error.
+        self.readable = revents.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR);
+        self.writable = revents.intersects(PollFlags::OUT | PollFlags::HUP | PollFlags::ERR);
+        match result {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => self.lost(now, &tungstenite::Error::Io(e.into())),
+        }
+    }
+
+    // ----- the end -----
+
+    /// Clients queued for a tunnel that is ending go back to the handler (a router may send
+    /// them elsewhere); other queued commands no longer matter.
+    fn refuse_queued_opens(&mut self) {
+        while let Ok(cmd) = self.control_rx.try_recv() {
+            if let Control::Open {
+                client, connector, ..
+            } = cmd
+            {
+                self.handler
+                    .on_open_failed(client, &connector, nowconnect_core::OpenError::Closed);
+            }
+        }
+    }
+
+    /// The session is closed: send what it still queued (RST, GOAWAY), the WebSocket Close with
+    /// its code, TLS close_notify, and wait a little for the peer's Close.
+    fn close_connection(&mut self) {
+        if self.ws_lost {
+            return;
+        }
+        let now = clock::now();
+        let deadline = StdInstant::now() + CLOSE_LINGER;
+        while self.session.poll_transmit(now, &mut self.out) {
+            let payload = Bytes::from(std::mem::take(&mut self.out));
+            match self.ws.write(Message::Binary(payload)) {
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+                Ok(()) => {}
+            }
+        }
+        let (code, reason) = self.session.close_reason().unwrap_or((close::NORMAL, ""));
+        // 1005/1006/1015 describe a missing or failed close; they are never sent.
+        let frame = (!matches!(code, 1005 | 1006 | 1015)).then(|| CloseFrame {
+            code: code.into(),
+            reason: truncate_utf8(reason, MAX_CLOSE_REASON).to_owned().into(),
+        });
+        // Err: the peer's Close came first and tungstenite already answered it.
+        let _ = self.ws.close(frame);
+        self.linger_for_close(deadline);
+        loop {
+            match self.ws.get_mut().close_notify() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !self.wait_socket(PollFlags::OUT, deadline) {
+                        break;
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.ws.get_ref().shutdown();
+    }
+
+    /// Flush our Close and read until the peer's Close completes the handshake, or deadline.
+    fn linger_for_close(&mut self, deadline: StdInstant) {
+        loop {
+            let flushed = match self.ws.flush() {
+                Ok(()) => true,
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => false,
+                Err(_) => return,
+            };
+            loop {
+                match self.ws.read() {
+                    // Late messages of a closed session are dropped.
+                    Ok(_) if StdInstant::now() < deadline => {}
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                        break
+                    }
+                    // ConnectionClosed (handshake complete), an error, or out of time.
+                    _ => return,
+                }
+            }
+            let interest = if flushed {
+                PollFlags::IN
+            } else {
+                PollFlags::IN | PollFlags::OUT
+            };
+            if !self.wait_socket(interest, deadline) {
+                return;
+            }
+        }
+    }
+
+    /// Poll the WebSocket's socket alone until `deadline`; false when out of time.
+    fn wait_socket(&self, interest: PollFlags, deadline: StdInstant) -> bool {
+        let left = deadline.saturating_duration_since(StdInstant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timespec = Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(self.ws.get_ref().tcp(), interest)];
+        match poll(&mut fds, Some(&timespec)) {
+            Ok(n) => n > 0,
+            Err(rustix::io::Errno::INTR) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for TunnelThread {
+    /// Whatever way the thread ends (a handler panic included), no socket thread is left
+    /// waiting and no queued client is left open.
+    fn drop(&mut self) {
+        self.status.closed.store(true, Ordering::Relaxed);
+        for (_, s) in self.streams.drain() {
+            s.link.reset();
+        }
+        while let Ok(cmd) = self.control_rx.try_recv() {
+            if let Control::Open { client, .. } = cmd {
+                sockopt::abort(client);
+            }
+        }
+        while let Ok(cmd) = self.stream_rx.try_recv() {
+            if let StreamCommand::Accept { link, .. } = cmd {
+                link.reset();
+            }
+        }
+    }
+}
