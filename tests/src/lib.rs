@@ -1,0 +1,96 @@
+//! End-to-end test support (see tests/tests/).
+//!
+//! Fixtures that run the real `nowconnect-hub` / `nowconnect-agent` binaries and the real servers
+//! the tunnel carries, all on loopback:
+//!
+//! | need | use |
+//! |---|---|
+//! | the built binaries | [`bin_path`] (builds them once per test process when missing or stale) |
+//! | ports | [`free_port`], [`free_addr`], [`wait_for_port`] |
+//! | a child process | [`Proc`]: log captured to a file, killed with its process group on drop, log dumped when the test panics |
+//! | a command with a deadline | [`run_cmd`] → [`CmdOutput`]; [`curl`] (proxy env cleared) |
+//! | scratch space | [`temp_dir`] (`NOWCONNECT_KEEP_TEMP=1` keeps it) |
+//! | TLS | [`TestCa`], [`TlsFiles::localhost`] |
+//! | JWT / JWKS | [`JwtKey`], [`JwtKeys`] |
+//! | servers | [`Slapd`], [`Sshd`], [`Postgres`], [`Tinyproxy`], [`HttpStub`] (plain or TLS) |
+//!
+//! Fixture constructors panic with the server's log when it does not come up: they are for tests,
+//! where a panic with context is the most useful failure.
+
+mod bins;
+mod cmd;
+mod http;
+mod jwt;
+mod ldap;
+mod ports;
+mod postgres;
+mod process;
+mod proxy;
+mod ssh;
+mod tls;
+
+pub use bins::{bin_path, workspace_root};
+pub use cmd::{curl, run_cmd, CmdOutput};
+pub use http::{HttpStub, StubRequest, StubResponse};
+pub use jwt::{now_secs, JwtKey, JwtKeys};
+pub use ldap::{ldapadd, ldapsearch, Slapd, LDAP_BASE_DN, LDAP_BIND_DN, LDAP_BIND_PW};
+pub use ports::{free_addr, free_port, wait_for_port};
+pub use postgres::{psql, psql_tls, Postgres};
+pub use process::Proc;
+pub use proxy::Tinyproxy;
+pub use ssh::Sshd;
+pub use tls::{TestCa, TlsFiles};
+
+use std::path::Path;
+use std::time::Duration;
+
+/// Default deadline for a client command (ldapsearch, ssh, psql, curl) in the fixtures.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default deadline for a server fixture to accept connections.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A fresh temporary directory, removed on drop unless `NOWCONNECT_KEEP_TEMP` is set (then its
+/// path is printed so a failed run can be inspected).
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    let keep = std::env::var_os("NOWCONNECT_KEEP_TEMP").is_some_and(|v| !v.is_empty());
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("nc-{prefix}-"))
+        .disable_cleanup(keep)
+        .tempdir()
+        .expect("create temp dir");
+    if keep {
+        eprintln!("[fixtures] keeping temp dir {}", dir.path().display());
+    }
+    dir
+}
+
+/// Writes `contents` to `path` with the given Unix mode, panicking with the path on failure.
+pub fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// Polls `cond` every 20 ms until it is true or `timeout` passes; returns its last value.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True when this process runs as root (CI does; the fixtures then drop privileges where a
+/// server refuses root, e.g. postgres).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self is owned by the process's effective uid.
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
