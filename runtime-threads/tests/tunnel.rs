@@ -693,7 +693,10 @@ fn idle_streams_memory() {
         rss as f64 / threads as f64
     );
     assert_eq!(pair.hub.handle().active_streams(), n);
-    assert!(threads as usize >= 2 * n, "one thread per socket: +{threads} for {n} streams");
+    assert!(
+        threads as usize >= 2 * n,
+        "one thread per socket: +{threads} for {n} streams"
+    );
     assert!(
         (rss as f64 / n as f64) < 256.0,
         "idle stream memory: {:.1} KiB per stream",
