@@ -194,6 +194,12 @@ pub trait TunnelHandler: Send + 'static {
         sockopt::abort(client);
     }
 
+    /// Hub: a client handed to [`TunnelHandle::open_stream`] got stream `cid` (OPEN queued).
+    /// Every such stream later ends in [`on_stream_closed`](Self::on_stream_closed).
+    fn on_stream_opening(&mut self, cid: u32, connector: &str, peer: &str) {
+        let _ = (cid, connector, peer);
+    }
+
     /// Hub: the agent connected the target (OPEN_OK).
     fn on_stream_opened(&mut self, cid: u32, backend: &str) {
         let _ = (cid, backend);

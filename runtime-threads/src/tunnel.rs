@@ -248,6 +248,7 @@ impl TunnelThread {
             Ok(cid) => cid,
             Err(e) => return self.handler.on_open_failed(client, connector, e),
         };
+        self.handler.on_stream_opening(cid, connector, peer);
         let link = match StreamLink::new(cid) {
             Ok(link) => link,
             Err(e) => {

@@ -1,0 +1,209 @@
+//! The agents' endpoint (wire-protocol.md §1, security.md): an accept thread, then one
+//! short-lived thread per connection for TLS + WebSocket upgrade + JWT under one 10 s deadline
+//! (at most [`MAX_HANDSHAKES`] at once), then the tunnel thread with a [`HubTunnel`] handler.
+//!
+//! Upgrade answers: 404 wrong path; 400 no `nowconnect.v1` subprotocol or a malformed
+//! request; 503 draining, at `max_tunnels`, or no JWKS loaded yet; 401 no token (bare
+//! `WWW-Authenticate: Bearer`) or a bad one (`Bearer error="invalid_token"`); 403 a valid token
+//! whose connector scope has nothing this hub serves.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use nowconnect_core::{close, Session};
+use nowconnect_runtime::ws::{self, AcceptError, Rejection, UpgradeRequest, HANDSHAKE_TIMEOUT};
+use nowconnect_runtime::{now, sockopt, Transport, Tunnel};
+
+use crate::auth::{AuthError, Verified};
+use crate::listener::{accept_loop, canonical};
+use crate::metrics::{self, Handshake};
+use crate::server::HubState;
+use crate::tunnel::{HubTunnel, Slot, TunnelEntry};
+
+/// Most handshakes (TLS + upgrade + JWT) in progress at once; more connections are dropped
+/// until some finish (security.md "Hardening").
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// Stack of a handshake thread: rustls, tungstenite's header parser and the JWT check.
+const HANDSHAKE_STACK_SIZE: usize = 512 * 1024;
+
+/// Starts `nc-hub-accept` on the bound agents' listener.
+pub(crate) fn spawn(state: Arc<HubState>, listener: TcpListener) -> io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    thread::Builder::new()
+        .name("nc-hub-accept".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            accept_loop(
+                &listener,
+                &state.ws_waker,
+                || state.is_stopped(),
+                |tcp, remote| on_connection(&state, tcp, remote),
+            );
+        })
+}
+
+/// Counts a handshake in progress while it lives.
+struct InProgress<'a>(&'a HubState);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn on_connection(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
+    let remote = canonical(remote);
+    let taken = state
+        .handshakes
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_HANDSHAKES).then_some(n + 1)
+        });
+    if taken.is_err() {
+        state.metrics.inc(
+            metrics::TUNNEL_HANDSHAKES,
+            &[Handshake::Overloaded.as_str()],
+        );
+        log::debug!("connection from {remote} dropped: {MAX_HANDSHAKES} handshakes in progress");
+        sockopt::abort(tcp);
+        return;
+    }
+    let state2 = state.clone();
+    let spawned = thread::Builder::new()
+        .name("nc-upgrade".into())
+        .stack_size(HANDSHAKE_STACK_SIZE)
+        .spawn(move || {
+            let _in_progress = InProgress(&state2);
+            handshake(&state2, tcp, remote);
+        });
+    if let Err(e) = spawned {
+        // The closure (and the socket) is gone; give the place back.
+        state.handshakes.fetch_sub(1, Ordering::AcqRel);
+        log::warn!("connection from {remote} dropped: cannot start a thread: {e}");
+    }
+}
+
+/// TLS, upgrade, JWT, then the tunnel thread. Runs on its own thread.
+fn handshake(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let transport = match &state.tls {
+        Some(cfg) => Transport::tls_server(cfg.clone(), tcp, deadline),
+        None => Transport::plain(tcp, deadline),
+    };
+    let transport = match transport {
+        Ok(t) => t,
+        Err(e) => {
+            log::debug!("TLS handshake with {remote} failed: {e}");
+            return;
+        }
+    };
+    let max_message = state.cfg.limits.max_message;
+    let (ws, (token, slot)) =
+        match ws::accept(transport, max_message, |req| decide(state, req, remote)) {
+            Ok(accepted) => accepted,
+            Err(AcceptError::Rejected(r)) => {
+                let result = Handshake::from_status(r.status);
+                state
+                    .metrics
+                    .inc(metrics::TUNNEL_HANDSHAKES, &[result.as_str()]);
+                log::debug!("upgrade from {remote} answered {}: {}", r.status, r.reason);
+                return;
+            }
+            Err(AcceptError::Malformed(e)) => {
+                state.metrics.inc(
+                    metrics::TUNNEL_HANDSHAKES,
+                    &[Handshake::BadRequest.as_str()],
+                );
+                log::debug!("malformed upgrade from {remote}: {e}");
+                return;
+            }
+            Err(AcceptError::Io(e)) => {
+                log::debug!("upgrade from {remote} failed: {e}");
+                return;
+            }
+        };
+
+    let (id, session_name) = state.next_tunnel();
+    state.insert_tunnel(id, TunnelEntry::new(remote, &session_name, &token));
+    log::debug!(
+        "tunnel upgraded: session={session_name} remote={remote} agent_id={} {}",
+        token.agent_id,
+        token.summary
+    );
+    let session = Session::new_hub(state.cfg.session_config(), now());
+    let handler = HubTunnel::new(state.clone(), id, session_name.clone(), remote, token, slot);
+    match Tunnel::spawn(&id.to_string(), ws, session, Box::new(handler)) {
+        Ok(tunnel) => {
+            let handle = tunnel.handle().clone();
+            // The thread is detached: its handler cleans up when it ends.
+            drop(tunnel);
+            if state.attach_handle(id, handle.clone()) && state.is_draining() {
+                handle.close(close::SHUTTING_DOWN, "hub shutting down");
+            }
+        }
+        // The handler was dropped with the tunnel: entry and slot are already released.
+        Err(e) => log::warn!("tunnel {session_name} from {remote}: cannot start: {e}"),
+    }
+}
+
+/// The upgrade decision (§1): path, drain, tunnel limit, JWT.
+fn decide(
+    state: &Arc<HubState>,
+    req: &UpgradeRequest<'_>,
+    remote: SocketAddr,
+) -> Result<(Verified, Slot), Rejection> {
+    if req.path != state.cfg.path {
+        return Err(Rejection::new(404, "no such endpoint"));
+    }
+    if state.is_draining() {
+        return Err(Rejection::new(503, "hub draining"));
+    }
+    let Some(slot) = Slot::take(state) else {
+        log::warn!(
+            "upgrade from {remote} refused: limits.max_tunnels ({}) reached",
+            state.cfg.limits.max_tunnels
+        );
+        return Err(Rejection::new(503, "tunnel limit reached"));
+    };
+    let token = match state.auth.authenticate(req.header("authorization")) {
+        Ok(v) => v,
+        Err(e) => return Err(auth_rejection(&e, remote)),
+    };
+    // A valid token whose scope names nothing this hub serves could never get a connector.
+    if let Some(scope) = &token.connectors {
+        if !state.cfg.connectors.iter().any(|c| scope.contains(&c.name)) {
+            log::warn!(
+                "upgrade from {remote} refused: 403 token scope has no connector of this hub agent_id={} {}",
+                token.agent_id,
+                token.summary
+            );
+            return Err(Rejection::new(403, "token allows no connector of this hub"));
+        }
+    }
+    Ok((token, slot))
+}
+
+/// 401/503 with the right `WWW-Authenticate` (§10), logged with kid/sub/jti, never the token.
+fn auth_rejection(e: &AuthError, remote: SocketAddr) -> Rejection {
+    match e {
+        AuthError::Unavailable => {
+            log::warn!("upgrade from {remote} refused: 503 JWKS not loaded yet");
+        }
+        AuthError::Missing => {
+            log::warn!("upgrade from {remote} refused: 401 reason=missing_token");
+        }
+        _ => {
+            // Display: reason, a detail built from enumerated values, kid/sub/jti.
+            log::warn!("upgrade from {remote} refused: 401 {e}");
+        }
+    }
+    Rejection {
+        status: e.status(),
+        reason: e.body(),
+        www_authenticate: e.www_authenticate().map(str::to_owned),
+    }
+}
