@@ -292,6 +292,16 @@ enum PeerFrame {
     },
 }
 
+/// The simulated peer's HELLO (hub session) or HELLO_ACK (agent session) limits when the
+/// driver does the handshake; `None` keeps the config's.
+#[derive(Arbitrary, Debug, Default)]
+struct PeerLimits {
+    window: Option<u32>,
+    max_frame: Option<u32>,
+    max_streams: Option<u16>,
+    heartbeat_ms: Option<u32>,
+}
+
 #[derive(Arbitrary, Debug)]
 enum SessionOp {
     /// First, so that an input running out of bytes (all zeros) does something harmless.
@@ -301,6 +311,8 @@ enum SessionOp {
     },
     /// Any bytes as one binary message.
     Raw(Vec<u8>),
+    /// One frame built from fields, as a message of its own.
+    Frame(PeerFrame),
     /// Frames built from fields, concatenated into one message.
     Frames(Vec<PeerFrame>),
     Text,
@@ -654,6 +666,11 @@ impl SessionDriver {
         let now = self.now;
         match op {
             SessionOp::Raw(msg) => self.feed(&msg),
+            SessionOp::Frame(f) => {
+                let mut msg = Vec::new();
+                self.build(&f, &mut msg);
+                self.feed(&msg);
+            }
             SessionOp::Frames(frames) => {
                 let mut msg = Vec::new();
                 for f in &frames {
@@ -761,21 +778,26 @@ pub fn session(data: &[u8]) {
     };
     d.drain();
     if handshake {
+        // The peer's limits come from the input too (out-of-range ones fail the handshake).
+        let l = PeerLimits::arbitrary(&mut u).unwrap_or_default();
+        let window = l.window.unwrap_or(window);
         let mut msg = Vec::new();
         match side {
             Side::Hub => {
-                Frame::Hello(test_hello(window, 100)).encode(&mut msg);
+                let max_streams = l.max_streams.map_or(100, u32::from);
+                Frame::Hello(test_hello(window, max_streams)).encode(&mut msg);
                 d.feed(&msg);
                 d.drain();
                 d.s.accept_hello(now, test_ack(0, 0, 0));
             }
             Side::Agent => {
-                Frame::HelloAck(test_ack(window, max_frame, 20_000)).encode(&mut msg);
+                let max_frame = l.max_frame.map_or(max_frame, |f| f.max(1));
+                let heartbeat_ms = l.heartbeat_ms.map_or(20_000, u64::from);
+                Frame::HelloAck(test_ack(window, max_frame, heartbeat_ms)).encode(&mut msg);
                 d.feed(&msg);
             }
         }
         d.drain();
-        assert!(d.s.is_established(), "handshake failed");
     }
     for _ in 0..MAX_OPS {
         if u.is_empty() {
