@@ -78,7 +78,13 @@ impl Layout {
             .parent()
             .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
             .and_then(Path::parent)
-            .map(Path::to_path_buf);
+            .map(Path::to_path_buf)
+            // A binary of this package (the demo) sits in the profile dir itself, beside deps/.
+            .or_else(|| {
+                exe.parent()
+                    .filter(|dir| dir.join("deps").is_dir())
+                    .map(Path::to_path_buf)
+            });
         let profile_dir = from_exe.unwrap_or_else(|| {
             let target = std::env::var_os("CARGO_TARGET_DIR")
                 .map(PathBuf::from)

@@ -13,6 +13,7 @@
 //! | TLS | [`TestCa`], [`TlsFiles::localhost`] |
 //! | JWT / JWKS | [`JwtKey`], [`JwtKeys`] |
 //! | servers | [`Slapd`], [`Sshd`], [`Postgres`], [`Tinyproxy`], [`HttpStub`] (plain or TLS) |
+//! | hub + agent wired together | [`tunnel::Tunnel`] (configs, keys, token written; started and waited for) |
 //!
 //! Fixture constructors panic with the server's log when it does not come up: they are for tests,
 //! where a panic with context is the most useful failure.
@@ -28,6 +29,7 @@ mod process;
 mod proxy;
 mod ssh;
 mod tls;
+pub mod tunnel;
 
 pub use bins::{bin_path, workspace_root};
 pub use cmd::{curl, run_cmd, CmdOutput};
