@@ -4,10 +4,12 @@
 //! `main` calls [`start`]: it parses the arguments, prints help/version or the `--check`
 //! result, and either says which exit status to use or hands back the loaded config to run.
 //! Config and argument errors go to stderr with exit status 2; `--check` prints `ok` on stdout.
+//! The flow itself is [`nowconnect_runtime::cli`], shared with the other binary.
 
 use std::ffi::OsString;
 use std::io::Write;
 
+use nowconnect_runtime::cli::{self as shared, AppConfig, Program};
 use nowconnect_runtime::conf::{self, ConfigError, EnvLookup, Source};
 pub use nowconnect_runtime::conf::{
     Cli, Command, UsageError, CONFIG_ENV, EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME,
@@ -43,9 +45,16 @@ pub fn version() -> String {
     format!("nowconnect-agent {}", env!("CARGO_PKG_VERSION"))
 }
 
+/// This binary for [`nowconnect_runtime::cli`].
+const PROGRAM: Program = Program {
+    name: "nowconnect-agent",
+    usage: USAGE,
+    version: concat!("nowconnect-agent ", env!("CARGO_PKG_VERSION")),
+};
+
 /// Parses the arguments after the program name; `--config` defaults to `$NOWCONNECT_CONFIG`.
 pub fn parse_args<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, UsageError> {
-    conf::parse_args(args, std::env::var_os(CONFIG_ENV))
+    shared::parse_args(args)
 }
 
 /// Loads and validates the config named on the command line (process environment).
@@ -55,38 +64,31 @@ pub fn load(cli: &Cli) -> Result<AgentConfig, ConfigError> {
 
 /// [`load`] with `${VAR}` taken from `env`.
 pub fn load_with_env(cli: &Cli, env: EnvLookup<'_>) -> Result<AgentConfig, ConfigError> {
-    AgentConfig::from_source(&Source::read(&cli.config)?, env)
+    shared::load_with_env(cli, env)
 }
 
 /// `--check`: [`load`] plus the referenced files (`hub.ca_file`). Returns the config and the
 /// warnings (e.g. `token.file` does not exist yet), which do not fail the check.
 pub fn check(cli: &Cli, env: EnvLookup<'_>) -> Result<(AgentConfig, Vec<String>), ConfigError> {
-    let src = Source::read(&cli.config)?;
-    let cfg = AgentConfig::from_source(&src, env)?;
-    let warnings = cfg.check_files(env).map_err(|e| src.locate(e))?;
-    Ok((cfg, warnings))
+    shared::check(cli, env)
 }
 
-/// What `main` does next.
-#[derive(Debug)]
-pub enum Start {
-    /// Run the agent with this config.
-    Run(Box<AgentConfig>),
-    /// Exit now with this status (help, version, `--check`, or an error already printed).
-    Exit(u8),
+impl AppConfig for AgentConfig {
+    fn from_source(src: &Source, env: EnvLookup<'_>) -> Result<Self, ConfigError> {
+        AgentConfig::from_source(src, env)
+    }
+
+    fn check_files(&self, env: EnvLookup<'_>) -> Result<Vec<String>, ConfigError> {
+        AgentConfig::check_files(self, env)
+    }
 }
+
+/// What `main` does next: `Run(Box<AgentConfig>)` or `Exit(status)`.
+pub type Start = shared::Start<AgentConfig>;
 
 /// Parses `std::env::args_os()`, handles help/version/`--check`, loads the config.
 pub fn start() -> Start {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    start_with(
-        std::env::args_os().skip(1),
-        std::env::var_os(CONFIG_ENV),
-        &conf::process_env,
-        &mut stdout.lock(),
-        &mut stderr.lock(),
-    )
+    shared::start(&PROGRAM)
 }
 
 /// [`start`] with everything injected (tests).
@@ -97,42 +99,5 @@ pub fn start_with<I: IntoIterator<Item = OsString>>(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Start {
-    // Write failures on stdout/stderr cannot be reported anywhere; the exit status still is.
-    let cli = match conf::parse_args(args, env_config) {
-        Ok(Command::Help) => {
-            let _ = out.write_all(USAGE.as_bytes());
-            return Start::Exit(EXIT_OK);
-        }
-        Ok(Command::Version) => {
-            let _ = writeln!(out, "{}", version());
-            return Start::Exit(EXIT_OK);
-        }
-        Ok(Command::Run(cli)) => cli,
-        Err(e) => {
-            let _ = writeln!(err, "nowconnect-agent: {e}\n\n{USAGE}");
-            return Start::Exit(EXIT_CONFIG);
-        }
-    };
-    if cli.check {
-        return match check(&cli, env) {
-            Ok((_, warnings)) => {
-                for w in warnings {
-                    let _ = writeln!(err, "{}: warning: {w}", cli.config.display());
-                }
-                let _ = writeln!(out, "ok");
-                Start::Exit(EXIT_OK)
-            }
-            Err(e) => {
-                let _ = writeln!(err, "{e}");
-                Start::Exit(EXIT_CONFIG)
-            }
-        };
-    }
-    match load_with_env(&cli, env) {
-        Ok(cfg) => Start::Run(Box::new(cfg)),
-        Err(e) => {
-            let _ = writeln!(err, "{e}");
-            Start::Exit(EXIT_CONFIG)
-        }
-    }
+    shared::start_with(&PROGRAM, args, env_config, env, out, err)
 }

@@ -558,21 +558,10 @@ impl AgentConfig {
     }
 
     fn validate_connectors(&self) -> Result<(), ConfigError> {
-        if self.connectors.is_empty() {
-            return Err(ConfigError::at(
-                "connectors",
-                "at least one connector is required",
-            ));
-        }
-        let mut names = HashSet::new();
+        let mut names = conf::ConnectorNames::new(self.connectors.len())?;
         for (i, c) in self.connectors.iter().enumerate() {
             let at = |k: &str| format!("connectors[{i}].{k}");
-            if !names.insert(c.name.as_str()) {
-                return Err(ConfigError::at(
-                    at("name"),
-                    format!("duplicate connector name \"{}\"", c.name),
-                ));
-            }
+            names.add(i, &c.name)?;
             if c.targets.is_empty() {
                 return Err(ConfigError::at(
                     at("targets"),

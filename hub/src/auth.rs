@@ -89,6 +89,23 @@ pub struct TokenSummary {
     pub jti: Option<String>,
 }
 
+impl TokenSummary {
+    /// `kid` for a log field (`-` when absent).
+    pub fn kid(&self) -> &str {
+        self.kid.as_deref().unwrap_or("-")
+    }
+
+    /// `sub` for a log field (`-` when absent).
+    pub fn sub(&self) -> &str {
+        self.sub.as_deref().unwrap_or("-")
+    }
+
+    /// `jti` for a log field (`-` when absent).
+    pub fn jti(&self) -> &str {
+        self.jti.as_deref().unwrap_or("-")
+    }
+}
+
 impl fmt::Display for TokenSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());

@@ -6,7 +6,6 @@
 //! and `jwks_ca` are read and parsed. Relative file names are taken from the config file's
 //! directory.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -442,13 +441,7 @@ impl HubConfig {
     }
 
     fn validate_connectors(&self) -> Result<(), ConfigError> {
-        if self.connectors.is_empty() {
-            return Err(ConfigError::at(
-                "connectors",
-                "at least one connector is required",
-            ));
-        }
-        let mut names = HashSet::new();
+        let mut names = conf::ConnectorNames::new(self.connectors.len())?;
         let mut listens: Vec<(SocketAddr, String)> = vec![(self.listen, "listen".to_owned())];
         if let Some(admin) = &self.admin {
             if admin.listen.port() != 0 && admin.listen == self.listen {
@@ -461,12 +454,7 @@ impl HubConfig {
         }
         for (i, c) in self.connectors.iter().enumerate() {
             let at = |k: &str| format!("connectors[{i}].{k}");
-            if !names.insert(c.name.as_str()) {
-                return Err(ConfigError::at(
-                    at("name"),
-                    format!("duplicate connector name \"{}\"", c.name),
-                ));
-            }
+            names.add(i, &c.name)?;
             // Port 0 (ephemeral, tests) never clashes.
             if c.listen.port() != 0 {
                 if let Some((_, other)) = listens.iter().find(|(a, _)| *a == c.listen) {

@@ -44,7 +44,7 @@ pub(crate) fn spawn(
                 || state.is_draining() || state.is_stopped(),
                 |client, peer| on_client(&state, conn, client, peer),
             );
-            log::info!("connector {} listener closed", conn.name);
+            log::info!(connector = conn.name.as_str(); "connector listener closed");
         })
 }
 
@@ -117,11 +117,7 @@ fn refuse(state: &HubState, conn: &ConnectorConfig, client: TcpStream, peer: &st
     state
         .metrics
         .inc(metrics::STREAM_OPEN_FAILURES, &[&conn.name, f.as_str()]);
-    log::info!(
-        "client refused: connector={} client={peer} reason={}",
-        conn.name,
-        f.as_str()
-    );
+    log::info!(connector = conn.name.as_str(), client = peer, reason = f.as_str(); "client refused");
     sockopt::abort(client);
 }
 

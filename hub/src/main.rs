@@ -4,25 +4,17 @@
 use std::process::ExitCode;
 
 use nowconnect_hub::cli::{self, Start, EXIT_RUNTIME};
-use nowconnect_hub::{logging, server};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use nowconnect_hub::server;
 
 fn main() -> ExitCode {
     let cfg = match cli::start() {
         Start::Run(cfg) => cfg,
         Start::Exit(code) => return ExitCode::from(code),
     };
-    logging::init(&cfg.logging);
-    nowconnect_runtime::install_crypto_provider();
-
-    // Registered before the listeners open, so an early signal is never the default (kill).
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    // Signals registered before the listeners open, so an early one is never the default (kill).
+    let signals = match nowconnect_runtime::cli::prepare(&cfg.logging) {
         Ok(s) => s,
-        Err(e) => {
-            log::error!("cannot install signal handlers: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return ExitCode::from(code),
     };
     let hub = match server::start(*cfg) {
         Ok(hub) => hub,
@@ -33,23 +25,7 @@ fn main() -> ExitCode {
         }
     };
     let handle = hub.handle();
-    let spawned = std::thread::Builder::new()
-        .name("nc-signals".into())
-        .stack_size(128 * 1024)
-        .spawn(move || {
-            let mut seen = 0;
-            for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    log::info!("signal {sig}: draining (send again to exit at once)");
-                    handle.drain();
-                } else {
-                    log::warn!("signal {sig} again: exiting now");
-                    std::process::exit(i32::from(EXIT_RUNTIME));
-                }
-            }
-        });
-    if let Err(e) = spawned {
+    if let Err(e) = signals.spawn(move || handle.drain()) {
         log::error!("cannot start the signal thread: {e}");
         return ExitCode::from(EXIT_RUNTIME);
     }

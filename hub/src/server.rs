@@ -302,7 +302,7 @@ pub fn start(cfg: HubConfig) -> Result<Hub, StartError> {
     for (i, addr, l) in connector_listeners {
         let name = state.cfg.connectors[i].name.clone();
         hub.threads.push(listener::spawn(state.clone(), i, l)?);
-        log::info!("connector {name} listening on {addr}");
+        log::info!(connector = name.as_str(), listen:% = addr; "connector listening");
         hub.connector_addrs.push((name, addr));
     }
     state.listeners_bound.store(true, Ordering::Release);
@@ -657,7 +657,8 @@ fn tick_loop(state: &HubState) {
         for (id, agent_id, session) in expired {
             state.pools.set_draining(id);
             log::info!(
-                "token expired without RENEW: GOAWAY(TOKEN_EXPIRED) agent_id={agent_id} session={session}"
+                agent_id = agent_id.as_str(), session = session.as_str();
+                "token expired without RENEW: GOAWAY(TOKEN_EXPIRED)"
             );
         }
         if !state.is_draining() {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nowconnect_runtime::admin::AdminState;
+use nowconnect_runtime::admin::{esc, AdminState};
 
 use crate::server::HubState;
 
@@ -18,22 +18,6 @@ impl Status {
     pub fn new(state: Arc<HubState>) -> Status {
         Status { state }
     }
-}
-
-/// Minimal HTML escaping for text and attribute values.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn unix(t: SystemTime) -> u64 {

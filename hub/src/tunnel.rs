@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 use nowconnect_core::{close, Code, HealthReport, Hello, HelloAck, OpenError, Rejected};
 use nowconnect_runtime::{sockopt, StreamEnd, TunnelHandle, TunnelHandler};
 
-use crate::auth::Verified;
+use crate::auth::{TokenSummary, Verified};
 use crate::listener;
 use crate::metrics::{self, Handshake, OpenFailure};
 use crate::server::HubState;
@@ -155,11 +155,15 @@ impl HubTunnel {
     fn refuse(&mut self, tunnel: &TunnelHandle, result: Handshake, code: u16, reason: &str) {
         self.count(result);
         log::warn!(
-            "tunnel refused at HELLO: agent_id={} session={} remote={} code={code} reason={reason:?} {}",
-            self.token.agent_id,
-            self.session,
-            self.remote,
-            self.token.summary
+            agent_id = self.token.agent_id.as_str(),
+            session = self.session.as_str(),
+            remote:% = self.remote,
+            code = code,
+            reason = reason,
+            kid = self.token.summary.kid(),
+            sub = self.token.summary.sub(),
+            jti = self.token.summary.jti();
+            "tunnel refused at HELLO"
         );
         tunnel.close(code, reason);
     }
@@ -323,14 +327,16 @@ impl TunnelHandler for HubTunnel {
         self.agent_id = Some(hello.agent_id.clone());
         self.state.update_availability();
         log::info!(
-            "tunnel up: agent_id={} session={} remote={} accepted=[{}] rejected=[{}] software={:?} {}",
-            hello.agent_id,
-            self.session,
-            self.remote,
-            accepted.join(","),
-            rejected_log.join(", "),
-            loggable(&hello.software),
-            self.token.summary
+            agent_id = hello.agent_id.as_str(),
+            session = self.session.as_str(),
+            remote:% = self.remote,
+            accepted = accepted.join(",").as_str(),
+            rejected = rejected_log.join(", ").as_str(),
+            software = loggable(&hello.software).as_str(),
+            kid = self.token.summary.kid(),
+            sub = self.token.summary.sub(),
+            jti = self.token.summary.jti();
+            "tunnel up"
         );
     }
 
@@ -347,8 +353,10 @@ impl TunnelHandler for HubTunnel {
         match error {
             OpenError::TooManyStreams => {
                 log::info!(
-                    "client refused: connector={connector} session={} reason=refused_stream",
-                    self.session
+                    connector = connector,
+                    session = self.session.as_str(),
+                    reason = "refused_stream";
+                    "client refused"
                 );
                 self.open_failed(connector, OpenFailure::RefusedStream);
                 sockopt::abort(client);
@@ -392,13 +400,14 @@ impl TunnelHandler for HubTunnel {
             .observe(metrics::OPEN_DURATION, &[&s.connector], secs);
         s.backend = Some(loggable(backend));
         log::debug!(
-            "stream open: agent_id={} session={} connector={} cid={cid} client={} backend={} open_ms={:.1}",
-            self.token.agent_id,
-            self.session,
-            s.connector,
-            s.peer,
-            loggable(backend),
-            secs * 1000.0
+            agent_id = self.token.agent_id.as_str(),
+            session = self.session.as_str(),
+            connector = s.connector.as_str(),
+            cid = cid,
+            client = s.peer.as_str(),
+            backend = loggable(backend).as_str(),
+            open_ms = secs * 1000.0;
+            "stream open"
         );
     }
 
@@ -426,31 +435,38 @@ impl TunnelHandler for HubTunnel {
         if let Some(f) = failure {
             self.open_failed(&s.connector, f);
             log::info!(
-                "stream open failed: agent_id={} session={} connector={} cid={cid} client={} duration_ms={duration_ms} reason={} detail={detail:?}",
-                self.token.agent_id,
-                self.session,
-                s.connector,
-                s.peer,
-                f.as_str()
+                agent_id = self.token.agent_id.as_str(),
+                session = self.session.as_str(),
+                connector = s.connector.as_str(),
+                cid = cid,
+                client = s.peer.as_str(),
+                duration_ms = duration_ms,
+                reason = f.as_str(),
+                detail = detail.as_str();
+                "stream open failed"
             );
             return;
         }
         let reason = close_reason(&end);
         m.inc(metrics::STREAMS_CLOSED, &[&s.connector, reason]);
         let by = match (code, remote) {
-            (None, _) => "",
-            (Some(_), true) => " by=agent",
-            (Some(_), false) => " by=hub",
+            (None, _) => None,
+            (Some(_), true) => Some("agent"),
+            (Some(_), false) => Some("hub"),
         };
         log::info!(
-            "stream closed: agent_id={} session={} connector={} cid={cid} client={} backend={} duration_ms={duration_ms} reason={reason}{}{by}{}",
-            self.token.agent_id,
-            self.session,
-            s.connector,
-            s.peer,
-            s.backend.as_deref().unwrap_or("-"),
-            code.map(|c| format!(" code={}", c.name())).unwrap_or_default(),
-            if detail.is_empty() { String::new() } else { format!(" detail={detail:?}") },
+            agent_id = self.token.agent_id.as_str(),
+            session = self.session.as_str(),
+            connector = s.connector.as_str(),
+            cid = cid,
+            client = s.peer.as_str(),
+            backend = s.backend.as_deref().unwrap_or("-"),
+            duration_ms = duration_ms,
+            reason = reason,
+            code = code.map(|c| c.name()),
+            by = by,
+            detail = (!detail.is_empty()).then_some(detail.as_str());
+            "stream closed"
         );
     }
 
@@ -464,10 +480,10 @@ impl TunnelHandler for HubTunnel {
                 .map(|(c, h)| format!("{}={}", loggable(c), if h.healthy { "up" } else { "down" }))
                 .collect();
             log::debug!(
-                "health: agent_id={} session={} {}",
-                self.token.agent_id,
-                self.session,
-                summary.join(" ")
+                agent_id = self.token.agent_id.as_str(),
+                session = self.session.as_str(),
+                connectors = summary.join(" ").as_str();
+                "health"
             );
         }
     }
@@ -493,11 +509,12 @@ impl TunnelHandler for HubTunnel {
         self.state.pools.set_draining(self.id);
         self.state.update_availability();
         log::info!(
-            "agent draining: agent_id={} session={} code={} last_cid={last_cid} reason={:?}",
-            self.token.agent_id,
-            self.session,
-            code.name(),
-            loggable_reason(reason)
+            agent_id = self.token.agent_id.as_str(),
+            session = self.session.as_str(),
+            code = code.name(),
+            last_cid = last_cid,
+            reason = loggable_reason(reason).as_str();
+            "agent draining"
         );
     }
 
@@ -516,12 +533,13 @@ impl TunnelHandler for HubTunnel {
         if self.agent_id.is_some() {
             self.agent_gone();
             log::info!(
-                "tunnel down: agent_id={} session={} remote={} code={code} reason={:?} duration_ms={}",
-                self.token.agent_id,
-                self.session,
-                self.remote,
-                loggable_reason(reason),
-                self.up_since.elapsed().as_millis()
+                agent_id = self.token.agent_id.as_str(),
+                session = self.session.as_str(),
+                remote:% = self.remote,
+                code = code,
+                reason = loggable_reason(reason).as_str(),
+                duration_ms = self.up_since.elapsed().as_millis();
+                "tunnel down"
             );
         } else {
             // A connection that just went away is no handshake result.
@@ -532,11 +550,12 @@ impl TunnelHandler for HubTunnel {
                 _ => {}
             }
             log::info!(
-                "tunnel closed before HELLO_ACK: agent_id={} session={} remote={} code={code} reason={:?}",
-                self.token.agent_id,
-                self.session,
-                self.remote,
-                loggable_reason(reason)
+                agent_id = self.token.agent_id.as_str(),
+                session = self.session.as_str(),
+                remote:% = self.remote,
+                code = code,
+                reason = loggable_reason(reason).as_str();
+                "tunnel closed before HELLO_ACK"
             );
         }
     }
@@ -567,8 +586,17 @@ fn renew(
     session: &str,
     token: &str,
 ) {
-    let refused = |why: String| {
-        log::warn!("RENEW refused: agent_id={agent_id} session={session} {why}");
+    let refused = |reason: &str, summary: &TokenSummary, claim: Option<String>| {
+        log::warn!(
+            agent_id = agent_id,
+            session = session,
+            reason = reason,
+            claim = claim.as_deref(),
+            kid = summary.kid(),
+            sub = summary.sub(),
+            jti = summary.jti();
+            "RENEW refused"
+        );
         state.pools.set_draining(id);
         state.update_availability();
         tunnel.goaway(Code::FORBIDDEN, "renew refused");
@@ -577,16 +605,12 @@ fn renew(
         Ok(v) => v,
         Err(e) => {
             let reason = e.reason().map_or("unavailable", |r| r.as_str());
-            let summary = e.summary().map(ToString::to_string).unwrap_or_default();
-            return refused(format!("reason={reason} {summary}"));
+            let none = TokenSummary::default();
+            return refused(reason, e.summary().unwrap_or(&none), None);
         }
     };
     if v.agent_id != agent_id {
-        return refused(format!(
-            "reason=agent_id_changed claim={:?} {}",
-            loggable(&v.agent_id),
-            v.summary
-        ));
+        return refused("agent_id_changed", &v.summary, Some(loggable(&v.agent_id)));
     }
     if let Some(scope) = &v.connectors {
         state.pools.retain_connectors(id, scope);
@@ -600,9 +624,13 @@ fn renew(
     }
     tunnel.renew_ack(v.exp);
     log::info!(
-        "token renewed: agent_id={agent_id} session={session} exp={} {}",
-        v.exp,
-        v.summary
+        agent_id = agent_id,
+        session = session,
+        exp = v.exp,
+        kid = v.summary.kid(),
+        sub = v.summary.sub(),
+        jti = v.summary.jti();
+        "token renewed"
     );
 }
 

@@ -68,7 +68,7 @@ fn on_connection(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
             metrics::TUNNEL_HANDSHAKES,
             &[Handshake::Overloaded.as_str()],
         );
-        log::debug!("connection from {remote} dropped: {MAX_HANDSHAKES} handshakes in progress");
+        log::debug!(remote:% = remote; "connection dropped: {MAX_HANDSHAKES} handshakes in progress");
         sockopt::abort(tcp);
         return;
     }
@@ -83,7 +83,7 @@ fn on_connection(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
     if let Err(e) = spawned {
         // The closure (and the socket) is gone; give the place back.
         state.handshakes.fetch_sub(1, Ordering::AcqRel);
-        log::warn!("connection from {remote} dropped: cannot start a thread: {e}");
+        log::warn!(remote:% = remote; "connection dropped: cannot start a thread: {e}");
     }
 }
 
@@ -97,7 +97,7 @@ fn handshake(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
     let transport = match transport {
         Ok(t) => t,
         Err(e) => {
-            log::debug!("TLS handshake with {remote} failed: {e}");
+            log::debug!(remote:% = remote; "TLS handshake failed: {e}");
             return;
         }
     };
@@ -110,7 +110,7 @@ fn handshake(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
                 state
                     .metrics
                     .inc(metrics::TUNNEL_HANDSHAKES, &[result.as_str()]);
-                log::debug!("upgrade from {remote} answered {}: {}", r.status, r.reason);
+                log::debug!(remote:% = remote, status = r.status; "upgrade answered: {}", r.reason);
                 return;
             }
             Err(AcceptError::Malformed(e)) => {
@@ -118,11 +118,11 @@ fn handshake(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
                     metrics::TUNNEL_HANDSHAKES,
                     &[Handshake::BadRequest.as_str()],
                 );
-                log::debug!("malformed upgrade from {remote}: {e}");
+                log::debug!(remote:% = remote; "malformed upgrade: {e}");
                 return;
             }
             Err(AcceptError::Io(e)) => {
-                log::debug!("upgrade from {remote} failed: {e}");
+                log::debug!(remote:% = remote; "upgrade failed: {e}");
                 return;
             }
         };
@@ -130,9 +130,13 @@ fn handshake(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
     let (id, session_name) = state.next_tunnel();
     state.insert_tunnel(id, TunnelEntry::new(remote, &session_name, &token));
     log::debug!(
-        "tunnel upgraded: session={session_name} remote={remote} agent_id={} {}",
-        token.agent_id,
-        token.summary
+        session = session_name.as_str(),
+        remote:% = remote,
+        agent_id = token.agent_id.as_str(),
+        kid = token.summary.kid(),
+        sub = token.summary.sub(),
+        jti = token.summary.jti();
+        "tunnel upgraded"
     );
     let session = Session::new_hub(state.cfg.session_config(), now());
     let handler = HubTunnel::new(state.clone(), id, session_name.clone(), remote, token, slot);
@@ -146,7 +150,10 @@ fn handshake(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
             }
         }
         // The handler was dropped with the tunnel: entry and slot are already released.
-        Err(e) => log::warn!("tunnel {session_name} from {remote}: cannot start: {e}"),
+        Err(e) => log::warn!(
+            session = session_name.as_str(), remote:% = remote;
+            "tunnel cannot start: {e}"
+        ),
     }
 }
 
@@ -164,7 +171,8 @@ fn decide(
     }
     let Some(slot) = Slot::take(state) else {
         log::warn!(
-            "upgrade from {remote} refused: limits.max_tunnels ({}) reached",
+            remote:% = remote, status = 503;
+            "upgrade refused: limits.max_tunnels ({}) reached",
             state.cfg.limits.max_tunnels
         );
         return Err(Rejection::new(503, "tunnel limit reached"));
@@ -177,9 +185,13 @@ fn decide(
     if let Some(scope) = &token.connectors {
         if !state.cfg.connectors.iter().any(|c| scope.contains(&c.name)) {
             log::warn!(
-                "upgrade from {remote} refused: 403 token scope has no connector of this hub agent_id={} {}",
-                token.agent_id,
-                token.summary
+                remote:% = remote,
+                status = 403,
+                agent_id = token.agent_id.as_str(),
+                kid = token.summary.kid(),
+                sub = token.summary.sub(),
+                jti = token.summary.jti();
+                "upgrade refused: token scope has no connector of this hub"
             );
             return Err(Rejection::new(403, "token allows no connector of this hub"));
         }
@@ -191,14 +203,14 @@ fn decide(
 fn auth_rejection(e: &AuthError, remote: SocketAddr) -> Rejection {
     match e {
         AuthError::Unavailable => {
-            log::warn!("upgrade from {remote} refused: 503 JWKS not loaded yet");
+            log::warn!(remote:% = remote, status = 503; "upgrade refused: JWKS not loaded yet");
         }
         AuthError::Missing => {
-            log::warn!("upgrade from {remote} refused: 401 reason=missing_token");
+            log::warn!(remote:% = remote, status = 401, reason = "missing_token"; "upgrade refused");
         }
         _ => {
             // Display: reason, a detail built from enumerated values, kid/sub/jti.
-            log::warn!("upgrade from {remote} refused: 401 {e}");
+            log::warn!(remote:% = remote, status = 401; "upgrade refused: {e}");
         }
     }
     Rejection {

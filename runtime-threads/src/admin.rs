@@ -73,6 +73,22 @@ impl Drop for Admin {
     }
 }
 
+/// Escapes text for HTML element content and attribute values (status pages).
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn content_type(value: &str) -> Option<tiny_http::Header> {
     tiny_http::Header::from_bytes(&b"Content-Type"[..], value.as_bytes()).ok()
 }

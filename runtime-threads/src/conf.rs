@@ -925,6 +925,35 @@ pub fn parse_url(s: &str, schemes: &[&str]) -> Result<ParsedUrl, String> {
     })
 }
 
+/// The `connectors` list of hub.yaml and agent.yaml, checked one entry at a time: not empty,
+/// names unique (`connectors[i].name`).
+#[derive(Debug, Default)]
+pub struct ConnectorNames<'a>(std::collections::HashSet<&'a str>);
+
+impl<'a> ConnectorNames<'a> {
+    /// Starts the check of a list of `len` connectors: at least one is required.
+    pub fn new(len: usize) -> Result<ConnectorNames<'a>, ConfigError> {
+        if len == 0 {
+            return Err(ConfigError::at(
+                "connectors",
+                "at least one connector is required",
+            ));
+        }
+        Ok(ConnectorNames::default())
+    }
+
+    /// Connector `i` is named `name`: an error if an earlier one has the same name.
+    pub fn add(&mut self, i: usize, name: &'a str) -> Result<(), ConfigError> {
+        if !self.0.insert(name) {
+            return Err(ConfigError::at(
+                format!("connectors[{i}].name"),
+                format!("duplicate connector name \"{name}\""),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Connector names: 1–64 bytes of `[A-Za-z0-9._-]` (wire-protocol.md §2).
 pub fn validate_connector_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {

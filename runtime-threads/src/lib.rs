@@ -45,7 +45,9 @@
 //! [`OpenRequest::accept`] there (that thread becomes the stream's socket thread).
 
 pub mod admin;
+pub mod cli;
 pub mod conf;
+pub mod logging;
 pub mod metrics;
 
 mod clock;
