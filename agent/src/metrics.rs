@@ -13,6 +13,8 @@ pub const BACKEND_UP: &str = "nowconnect_agent_backend_up";
 pub const BACKEND_CONNECT_DURATION: &str = "nowconnect_agent_backend_connect_duration_seconds";
 /// Streams open or opening, per connector.
 pub const STREAMS_ACTIVE: &str = "nowconnect_agent_streams_active";
+/// Payload bytes relayed, per connector and `direction` (`c2a`, `a2c`).
+pub const BYTES: &str = "nowconnect_agent_bytes_total";
 /// Seconds until the most recently fetched token expires.
 pub const TOKEN_EXPIRY: &str = "nowconnect_agent_token_expiry_seconds";
 /// Build information, value 1.
@@ -58,6 +60,11 @@ pub fn declare(registry: &Registry) {
         SECONDS_BUCKETS,
     );
     registry.gauge(STREAMS_ACTIVE, "Streams open or opening", &["connector"]);
+    registry.counter(
+        BYTES,
+        "Payload bytes relayed, by direction",
+        &["connector", "direction"],
+    );
     registry.gauge(BUILD_INFO, "Build information", &["version"]);
     registry.set(BUILD_INFO, &[env!("CARGO_PKG_VERSION")], 1.0);
 }

@@ -49,6 +49,8 @@ pub struct LiveState {
 struct OpenStream {
     connector: Arc<Connector>,
     opened: Instant,
+    /// Payload bytes client → target (c2a) and target → client (a2c), known at the end.
+    bytes: (u64, u64),
 }
 
 /// The handler of one agent tunnel.
@@ -148,6 +150,7 @@ impl TunnelHandler for AgentTunnel {
             OpenStream {
                 connector: connector.clone(),
                 opened: Instant::now(),
+                bytes: (0, 0),
             },
         );
         let shared = self.shared.clone();
@@ -161,16 +164,40 @@ impl TunnelHandler for AgentTunnel {
         }
     }
 
+    fn on_stream_bytes(&mut self, cid: u32, sent: u64, received: u64) {
+        let Some(s) = self.streams.get_mut(&cid) else {
+            return;
+        };
+        // The agent receives what the client wrote (c2a) and sends what the target wrote (a2c).
+        s.bytes = (received, sent);
+        let m = &self.shared.metrics;
+        m.add(
+            metrics::BYTES,
+            &[s.connector.name(), "c2a"],
+            received as f64,
+        );
+        m.add(metrics::BYTES, &[s.connector.name(), "a2c"], sent as f64);
+    }
+
     fn on_stream_closed(&mut self, cid: u32, end: StreamEnd) {
         let Some(s) = self.stream_gone(cid) else {
             return;
         };
+        let (bytes_c2a, bytes_a2c) = s.bytes;
         let connector = s.connector.name();
         let duration_ms = s.opened.elapsed().as_millis() as u64;
         let session = self.session.as_str();
         match end {
             StreamEnd::Closed => {
-                log::info!(session = session, connector = connector, cid = cid, duration_ms = duration_ms; "stream closed");
+                log::info!(
+                    session = session,
+                    connector = connector,
+                    cid = cid,
+                    bytes_c2a = bytes_c2a,
+                    bytes_a2c = bytes_a2c,
+                    duration_ms = duration_ms;
+                    "stream closed"
+                );
             }
             StreamEnd::Reset {
                 code,
@@ -182,6 +209,8 @@ impl TunnelHandler for AgentTunnel {
                     session = session,
                     connector = connector,
                     cid = cid,
+                    bytes_c2a = bytes_c2a,
+                    bytes_a2c = bytes_a2c,
                     duration_ms = duration_ms,
                     code = code.name(),
                     reason = reason.as_str(),

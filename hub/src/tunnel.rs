@@ -101,6 +101,8 @@ struct StreamInfo {
     started: Instant,
     /// OPEN_OK's backend, once it came.
     backend: Option<String>,
+    /// Payload bytes client → agent and agent → client, known when the stream ends.
+    bytes: (u64, u64),
 }
 
 /// The handler of one tunnel.
@@ -386,6 +388,7 @@ impl TunnelHandler for HubTunnel {
                 peer: peer.to_owned(),
                 started: Instant::now(),
                 backend: None,
+                bytes: (0, 0),
             },
         );
     }
@@ -409,6 +412,17 @@ impl TunnelHandler for HubTunnel {
             open_ms = secs * 1000.0;
             "stream open"
         );
+    }
+
+    fn on_stream_bytes(&mut self, cid: u32, sent: u64, received: u64) {
+        let Some(s) = self.streams.get_mut(&cid) else {
+            return;
+        };
+        // The hub sends what its client wrote (c2a) and receives what the target wrote (a2c).
+        s.bytes = (sent, received);
+        let m = &self.state.metrics;
+        m.add(metrics::BYTES, &[&s.connector, "c2a"], sent as f64);
+        m.add(metrics::BYTES, &[&s.connector, "a2c"], received as f64);
     }
 
     fn on_stream_closed(&mut self, cid: u32, end: StreamEnd) {
@@ -461,6 +475,8 @@ impl TunnelHandler for HubTunnel {
             cid = cid,
             client = s.peer.as_str(),
             backend = s.backend.as_deref().unwrap_or("-"),
+            bytes_c2a = s.bytes.0,
+            bytes_a2c = s.bytes.1,
             duration_ms = duration_ms,
             reason = reason,
             code = code.map(|c| c.name()),

@@ -205,6 +205,13 @@ pub trait TunnelHandler: Send + 'static {
         let _ = (cid, backend);
     }
 
+    /// Payload bytes a stream carried, reported once right before its
+    /// [`on_stream_closed`](Self::on_stream_closed): `sent` went from this side's socket to the
+    /// peer, `received` came from the peer for this side's socket.
+    fn on_stream_bytes(&mut self, cid: u32, sent: u64, received: u64) {
+        let _ = (cid, sent, received);
+    }
+
     /// A stream ended. When the session closes, every stream still open ends here with a
     /// `Reset` before [`on_closed`](Self::on_closed).
     fn on_stream_closed(&mut self, cid: u32, end: StreamEnd) {

@@ -134,6 +134,10 @@ struct Linked {
     granted: usize,
     /// In `credit_dirty`.
     dirty: bool,
+    /// Payload bytes this side sent to the peer (read from the local socket).
+    sent: u64,
+    /// Payload bytes the peer sent (handed to the local socket).
+    received: u64,
 }
 
 struct TunnelThread {
@@ -264,6 +268,8 @@ impl TunnelThread {
                 link: link.clone(),
                 granted: 0,
                 dirty: false,
+                sent: 0,
+                received: 0,
             },
         );
         self.mark_dirty(cid);
@@ -304,6 +310,7 @@ impl TunnelThread {
                     };
                     s.granted = s.granted.saturating_sub(data.len());
                     let accepted = self.session.send(now, cid, &data);
+                    s.sent += accepted as u64;
                     if accepted < data.len() {
                         log::debug!("stream {cid}: {} bytes after finish", data.len() - accepted);
                     }
@@ -315,9 +322,10 @@ impl TunnelThread {
                     }
                 }
                 StreamCommand::Reset { cid, code, reason } => {
-                    if self.streams.remove(&cid).is_some() {
+                    if let Some(s) = self.streams.remove(&cid) {
                         // A local reset yields no session event: report it here.
                         self.session.reset(now, cid, code, reason);
+                        self.handler.on_stream_bytes(cid, s.sent, s.received);
                         self.handler.on_stream_closed(
                             cid,
                             StreamEnd::Reset {
@@ -349,6 +357,8 @@ impl TunnelThread {
                             link,
                             granted: 0,
                             dirty: false,
+                            sent: 0,
+                            received: 0,
                         },
                     );
                     self.session.accept_stream(now, cid, &backend);
@@ -451,7 +461,8 @@ impl TunnelThread {
         let tunnel = &self.handle;
         match ev {
             Event::Data { cid, data } => {
-                if let Some(s) = self.streams.get(&cid) {
+                if let Some(s) = self.streams.get_mut(&cid) {
+                    s.received += data.len() as u64;
                     s.link.deliver(data);
                 }
             }
@@ -469,6 +480,7 @@ impl TunnelThread {
             } => {
                 if let Some(s) = self.streams.remove(&cid) {
                     s.link.reset();
+                    self.handler.on_stream_bytes(cid, s.sent, s.received);
                 } else if !self.pending_opens.remove(&cid) {
                     return;
                 }
@@ -481,7 +493,9 @@ impl TunnelThread {
             }
             Event::StreamClosed { cid } => {
                 // Its socket thread may still be writing the tail; it ends by itself.
-                self.streams.remove(&cid);
+                if let Some(s) = self.streams.remove(&cid) {
+                    self.handler.on_stream_bytes(cid, s.sent, s.received);
+                }
                 self.handler.on_stream_closed(cid, StreamEnd::Closed);
             }
             Event::OpenRequest {

@@ -837,3 +837,46 @@ fn demo_selftest() {
     assert!(out.stdout.contains("hello from on-prem"), "{out}");
     assert!(out.stdout.contains("selftest ok"), "{out}");
 }
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+/// The byte counters of operations.md move with the payload: `nowconnect_bytes_total` on the
+/// hub and `nowconnect_agent_bytes_total` on the agent, per connector and direction.
+#[test]
+fn byte_counters_follow_the_payload() {
+    let echo = echo_server();
+    let tunnel = Tunnel::builder(Transport::Ws)
+        .connector("echo", &[echo])
+        .start();
+    let mut c = connect(tunnel.connector("echo"));
+    let payload = pattern(100_000);
+    c.write_all(&payload).expect("write");
+    c.shutdown(Shutdown::Write).expect("shutdown write");
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).expect("read echo");
+    assert_eq!(back.len(), payload.len());
+    let want = payload.len() as f64;
+    let counted = |text: &str, name: &str| {
+        ["c2a", "a2c"].map(|dir| {
+            metric(text, name, &[("connector", "echo"), ("direction", dir)]).unwrap_or(0.0)
+        })
+    };
+    // Counters may move only when the stream closes: allow a moment.
+    wait_until(Duration::from_secs(3), || {
+        counted(&tunnel.hub_metrics(), "nowconnect_bytes_total") == [want, want]
+            && counted(&tunnel.agent_metrics(), "nowconnect_agent_bytes_total") == [want, want]
+    });
+    let hub = tunnel.hub_metrics();
+    assert_eq!(
+        counted(&hub, "nowconnect_bytes_total"),
+        [want, want],
+        "hub nowconnect_bytes_total{{connector=\"echo\"}} c2a/a2c\n{hub}"
+    );
+    let agent = tunnel.agent_metrics();
+    assert_eq!(
+        counted(&agent, "nowconnect_agent_bytes_total"),
+        [want, want],
+        "agent nowconnect_agent_bytes_total{{connector=\"echo\"}} c2a/a2c\n{agent}"
+    );
+}
