@@ -2,8 +2,9 @@
 //! WebSocket upgrade with the bearer token — and the classification of failures for
 //! `nowconnect_agent_connects_total{result}`.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,10 +18,8 @@ use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{HubUrl, ProxyConfig};
 use crate::metrics::result;
+use crate::proxy::{self, Proxy};
 use crate::token::Token;
-
-/// Proxy variables the agent would honour once proxies are supported (configuration.md).
-pub const PROXY_ENV: &[&str] = &["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"];
 
 /// The TLS client config: webpki roots, the system store, and `hub.ca_file`. Certificate and
 /// host-name verification are always on (security.md: there is no "skip verify" switch).
@@ -104,11 +103,26 @@ impl fmt::Display for DialError {
 
 impl std::error::Error for DialError {}
 
+impl DialError {
+    /// The message without its category prefix.
+    fn detail(&self) -> String {
+        match self {
+            DialError::Proxy(e)
+            | DialError::Network(e)
+            | DialError::Tls(e)
+            | DialError::Upgrade(e) => e.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Dials hub URLs: everything needed besides the token.
 #[derive(Debug, Clone)]
 pub struct Dialer {
     tls: Option<Arc<ClientConfig>>,
     proxy: Option<ProxyConfig>,
+    /// The proxy variables of the environment, captured at start.
+    proxy_env: HashMap<String, String>,
     server_name: Option<String>,
     max_message: usize,
 }
@@ -124,23 +138,36 @@ impl Dialer {
         Dialer {
             tls,
             proxy,
+            proxy_env: HashMap::new(),
             server_name,
             max_message,
         }
+    }
+
+    /// Uses the proxy variables (`HTTPS_PROXY`, `NO_PROXY`…) from `env` when `proxy:` is not
+    /// configured.
+    pub fn with_proxy_env(mut self, env: conf::EnvLookup<'_>) -> Dialer {
+        self.proxy_env = proxy::ENV_VARS
+            .iter()
+            .filter_map(|k| env(k).map(|v| ((*k).to_owned(), v)))
+            .collect();
+        self
+    }
+
+    /// The proxy `url` is dialed through, if any.
+    pub fn proxy_for(&self, url: &HubUrl) -> Result<Option<Proxy>, DialError> {
+        let env = |k: &str| self.proxy_env.get(k).cloned();
+        proxy::select(self.proxy.as_ref(), url, &env).map_err(DialError::Proxy)
     }
 
     /// TCP (+ TLS) + WebSocket upgrade with `Authorization: Bearer`, all within
     /// [`ws::HANDSHAKE_TIMEOUT`]. The socket is ready for `Tunnel::spawn`.
     pub fn dial(&self, url: &HubUrl, token: &Token) -> Result<TunnelSocket, DialError> {
         let deadline = Instant::now() + ws::HANDSHAKE_TIMEOUT;
-        if let Some(proxy) = &self.proxy {
-            // The proxy URL carries no credentials (config validation), so it can be logged.
-            return Err(DialError::Proxy(format!(
-                "HTTP CONNECT proxies are not supported yet (proxy.url {}); remove proxy: to connect directly",
-                proxy.url.url
-            )));
-        }
-        let tcp = connect_tcp(&url.host, url.port, deadline)?;
+        let tcp = match self.proxy_for(url)? {
+            Some(p) => connect_via(&p, url, deadline)?,
+            None => connect_tcp(&url.host, url.port, deadline)?,
+        };
         let transport = if url.tls {
             let Some(config) = &self.tls else {
                 return Err(DialError::Tls("no TLS client configuration".into()));
@@ -170,6 +197,71 @@ fn io_failure(what: &str, e: io::Error) -> DialError {
     } else {
         DialError::Network(format!("{what}: {e}"))
     }
+}
+
+/// TCP to the proxy and `CONNECT` to the hub's name; the stream is then a tunnel to the hub.
+/// Messages name the proxy (without credentials) and its status, never the password.
+fn connect_via(p: &Proxy, url: &HubUrl, deadline: Instant) -> Result<TcpStream, DialError> {
+    let shown = &p.shown;
+    let mut tcp = connect_tcp(&p.host, p.port, deadline)
+        .map_err(|e| DialError::Proxy(format!("{shown}: {}", e.detail())))?;
+    let fail = |what: &str, e: io::Error| DialError::Proxy(format!("{shown}: {what}: {e}"));
+    let left = |tcp: &TcpStream| -> io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        }
+        tcp.set_read_timeout(Some(left))?;
+        tcp.set_write_timeout(Some(left))
+    };
+    left(&tcp).map_err(|e| fail("CONNECT", e))?;
+    let req = proxy::connect_request(&url.host, url.port, p.auth.as_ref());
+    tcp.write_all(req.as_bytes())
+        .map_err(|e| fail("sending CONNECT", e))?;
+    // Byte by byte so nothing past the header (the hub's first TLS bytes) is consumed.
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
+        if head.len() >= proxy::MAX_RESPONSE_HEADERS {
+            return Err(DialError::Proxy(format!(
+                "{shown}: CONNECT response headers exceed {} bytes",
+                proxy::MAX_RESPONSE_HEADERS
+            )));
+        }
+        left(&tcp).map_err(|e| fail("reading the CONNECT response", e))?;
+        match tcp.read(&mut byte) {
+            Ok(0) => {
+                return Err(DialError::Proxy(format!(
+                    "{shown}: connection closed during CONNECT"
+                )))
+            }
+            Ok(_) => head.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail("reading the CONNECT response", e)),
+        }
+    }
+    let status =
+        proxy::parse_status(&head).map_err(|e| DialError::Proxy(format!("{shown}: {e}")))?;
+    if !(200..300).contains(&status) {
+        let line = String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default())
+            .into_owned();
+        let reason = line
+            .trim_end()
+            .splitn(3, ' ')
+            .nth(2)
+            .unwrap_or("")
+            .to_owned();
+        return Err(DialError::Proxy(format!(
+            "{shown}: {} for CONNECT {}",
+            proxy::status_error(status, &reason),
+            url.authority()
+        )));
+    }
+    tcp.set_read_timeout(None)
+        .and_then(|()| tcp.set_write_timeout(None))
+        .map_err(|e| fail("CONNECT", e))?;
+    log::debug!("connected to {} through proxy {shown}", url.authority());
+    Ok(tcp)
 }
 
 /// Resolves `host` and connects to the first address that answers before `deadline`.

@@ -8,6 +8,7 @@ pub mod connector;
 pub mod dial;
 pub mod logging;
 pub mod metrics;
+pub mod proxy;
 pub mod registry;
 pub mod run;
 pub mod status;

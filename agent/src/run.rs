@@ -227,7 +227,8 @@ pub fn start(cfg: AgentConfig) -> Result<Agent, StartError> {
     start_with(cfg, &conf::process_env)
 }
 
-/// Starts an agent; `env` supplies `NOWCONNECT_TOKEN` when `token` names no source.
+/// Starts an agent; `env` supplies `NOWCONNECT_TOKEN` when `token` names no source, and the
+/// proxy variables (`HTTPS_PROXY`, `NO_PROXY`…) when `proxy:` is not configured.
 ///
 /// Returns once every thread runs; the tunnels come up in the background (never fails on
 /// network, TLS or auth problems: those are retried).
@@ -248,14 +249,6 @@ pub fn start_with(cfg: AgentConfig, env: EnvLookup<'_>) -> Result<Agent, StartEr
     for u in endpoints.iter().filter(|u| !u.tls) {
         log::warn!(hub = u.url.as_str(); "plain ws:// hub URL: only behind a TLS-terminating load balancer or in tests");
     }
-    if cfg.proxy.is_none() {
-        if let Some(var) = dial::PROXY_ENV
-            .iter()
-            .find(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
-        {
-            log::warn!("{var} is set, but this build does not support proxies yet: connecting to the hub directly");
-        }
-    }
     match sockopt::raise_fd_limit() {
         Ok(n) => log::debug!("open file limit: {n}"),
         Err(e) => log::warn!("cannot raise the open file limit: {e}"),
@@ -265,7 +258,17 @@ pub fn start_with(cfg: AgentConfig, env: EnvLookup<'_>) -> Result<Agent, StartEr
         cfg.proxy.clone(),
         cfg.hub.server_name.clone(),
         cfg.session_config().max_message,
-    );
+    )
+    .with_proxy_env(env);
+    for u in &endpoints {
+        match dialer.proxy_for(u) {
+            Ok(Some(p)) => {
+                log::info!(hub = u.url.as_str(), proxy = p.shown.as_str(); "connecting through an HTTP CONNECT proxy")
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!(hub = u.url.as_str(); "{e}"),
+        }
+    }
     let registry = Metrics::new();
     metrics::declare(&registry);
     let (drain_tx, drain_rx) = crossbeam_channel::bounded(0);

@@ -551,6 +551,70 @@ fn reconnect(t: Transport) {
     tunnel.wait_ready();
 }
 
+/// The agent dials the hub over wss through tinyproxy (HTTP CONNECT with Basic auth): streams
+/// work. With a wrong password the proxy refuses (tinyproxy answers 401), the agent counts a
+/// `proxy_error`, names the status in its log and never logs the password.
+#[test]
+fn proxy() {
+    let dir = temp_dir("e2e-proxy");
+    let tinyproxy = Tinyproxy::start(dir.path(), Some(("agent", "s3cret-pw")));
+    let echo = echo_server();
+    let yaml = |password: &str| {
+        format!(
+            "proxy:\n  url: {}\n  username: agent\n  password: {password}",
+            tinyproxy.url()
+        )
+    };
+    {
+        let tunnel = Tunnel::builder(Transport::Wss)
+            .connector("echo", &[echo])
+            .agent_yaml(&yaml("s3cret-pw"))
+            .start();
+        round_trip(&mut connect(tunnel.connector("echo")), b"via proxy");
+        let log = tinyproxy.proc.log();
+        assert!(
+            log.contains("CONNECT"),
+            "tinyproxy saw no CONNECT\n{log}\n{}",
+            tunnel.logs()
+        );
+    }
+
+    let wrong = "wrong-pw-xyz";
+    let agent_admin = free_addr();
+    let tunnel = Tunnel::builder(Transport::Wss)
+        .addrs(free_addr(), free_addr(), agent_admin)
+        .connector("echo", &[echo])
+        .reconnect("100ms", "500ms")
+        .agent_yaml(&yaml(wrong))
+        .no_wait()
+        .start();
+    let mut last = String::new();
+    let counted = wait_until(Duration::from_secs(8), || {
+        // The admin listener may not be up yet (no_wait).
+        last = match http_get(agent_admin, "/metrics") {
+            Ok((200, text)) => text,
+            other => format!("{other:?}"),
+        };
+        metric(
+            &last,
+            "nowconnect_agent_connects_total",
+            &[("result", "proxy_error")],
+        )
+        .is_some_and(|n| n >= 1.0)
+    });
+    assert!(counted, "no proxy_error counted\n{last}\n{}", tunnel.logs());
+    let log = tunnel.agent_log();
+    assert!(
+        log.contains("proxy authentication required (HTTP 401") || log.contains("(HTTP 407"),
+        "agent log does not name the proxy status\n{log}"
+    );
+    assert!(
+        !log.contains(wrong),
+        "agent log leaks the proxy password\n{log}"
+    );
+    assert!(!log.contains("Proxy-Authorization"), "{log}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Authentication
 // ---------------------------------------------------------------------------------------------
