@@ -152,7 +152,9 @@ impl TunnelHandler for HubSide {
             .iter()
             .cloned()
             .partition(|c| policy.reject_connectors.contains(c));
-        let _ = self.events.send(HubEvent::Hello(hello));
+        // The event goes out after HELLO_ACK is queued, so a test that opens a stream on seeing
+        // HELLO cannot get its OPEN ahead of the HELLO_ACK.
+        let event = HubEvent::Hello(hello);
         tunnel.accept_hello(HelloAck {
             session: "sess-1".into(),
             accepted,
@@ -168,6 +170,7 @@ impl TunnelHandler for HubSide {
             heartbeat_ms: 0,
             ver: 1,
         });
+        let _ = self.events.send(event);
     }
 
     fn on_health(&mut self, _tunnel: &TunnelHandle, report: HealthReport) {
