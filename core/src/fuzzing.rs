@@ -933,7 +933,11 @@ impl PairModel {
 fn pair_check(p: &mut Pair, m: &PairModel) {
     for agent in [false, true] {
         let side = pair_side(agent);
-        let peer_closed = p.session(side.peer()).close_reason().is_some();
+        let peer_close = p
+            .session(side.peer())
+            .close_reason()
+            .map(|(c, r)| (c, r.to_owned()));
+        let peer_closed = peer_close.is_some();
         let end = p.end(side);
         for (&cid, got) in &end.received {
             let sent = m.sent.get(&(!agent, cid)).map_or(&[][..], Vec::as_slice);
@@ -965,7 +969,8 @@ fn pair_check(p: &mut Pair, m: &PairModel) {
                     remote: false,
                 } => assert!(
                     !matches!(*code, Code::PROTOCOL_ERROR | Code::FLOW_CONTROL_ERROR),
-                    "{side:?} reset {cid}: {code} {reason}"
+                    "{side:?} reset {cid}: {code} {reason} (peer: {:?})",
+                    peer_close
                 ),
                 _ => {}
             }

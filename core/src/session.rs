@@ -942,7 +942,9 @@ impl Session {
             self.ctrl_lens.pop_front();
         }
         self.ctrl.drain(..taken);
-        if self.state == State::Established {
+        // DATA and FIN only once every control frame is out: a FIN or DATA small enough to fit
+        // behind a partial control flush must not overtake the OPEN or OPEN_OK it depends on.
+        if self.state == State::Established && self.ctrl_lens.is_empty() {
             self.schedule_data(out, limit);
         }
         let any = out.len() > start;

@@ -1504,3 +1504,55 @@ fn advertised_window_above_max_credit_is_rejected() {
     assert_eq!(agent.send_capacity(1), MAX_CREDIT as usize);
     agent.check_invariants().unwrap();
 }
+
+/// Regression (fuzz target `pair`): with more control frames queued than one message holds, a
+/// FIN or DATA small enough to fit behind the partial control flush overtook the OPEN (hub) or
+/// OPEN_OK (agent) still queued, and the peer closed the session with 4400 "frame for a stream
+/// never opened". Stream frames now leave only after every queued control frame.
+#[test]
+fn stream_frames_never_overtake_queued_control_frames() {
+    let small = Config {
+        max_message: 256,
+        ..Config::default()
+    };
+    // Control frames of many sizes, so that for some the room left in the full message fits a
+    // DATA or FIN but not the next control frame.
+    for digits in 0..16u32 {
+        // Hub: RENEW_ACKs (more than a message holds) ahead of an OPEN, then DATA and FIN.
+        let mut p = Pair::connected_with(small.clone(), small.clone());
+        let now = p.now;
+        for _ in 0..40 {
+            p.hub.renew_ack(now, 10u64.pow(digits));
+        }
+        let cid = p.open("ldap");
+        assert_eq!(p.hub.send(now, cid, b"x"), 1);
+        p.hub.finish(now, cid);
+        p.drive();
+        assert_alive(&p);
+        assert_eq!(p.received(Side::Agent, cid), b"x");
+
+        // Agent: HEALTH frames ahead of an OPEN_OK, then DATA and FIN.
+        let mut p = Pair::connected_with(small.clone(), small.clone());
+        p.auto_accept = false;
+        let cid = p.open("ldap");
+        p.drive();
+        let now = p.now;
+        let mut report = HealthReport::default();
+        report.connectors.insert(
+            "c".repeat(digits as usize + 1),
+            ConnectorHealth {
+                healthy: true,
+                backends: Vec::new(),
+            },
+        );
+        for _ in 0..20 {
+            p.agent.send_health(now, &report);
+        }
+        p.agent.accept_stream(now, cid, "target:1");
+        assert_eq!(p.agent.send(now, cid, b"y"), 1);
+        p.agent.finish(now, cid);
+        p.drive();
+        assert_alive(&p);
+        assert_eq!(p.received(Side::Hub, cid), b"y");
+    }
+}
