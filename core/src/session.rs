@@ -72,6 +72,10 @@ enum State {
 struct Drain {
     deadline: Instant,
     code: Code,
+    /// Agent: the PING sent right behind its GOAWAY, until its PONG. OPENs the hub sent before
+    /// it read the GOAWAY arrive ahead of that PONG and are still accepted; the drain cannot
+    /// finish before it, so no such OPEN meets a closed session.
+    fence: Option<u64>,
 }
 
 /// One tunnel's protocol state, for either side. Pure: no I/O, no clock, no randomness.
@@ -448,6 +452,12 @@ impl Session {
             Frame::Hello(_) | Frame::HelloAck(_) => {}
             Frame::Ping { opaque } => self.queue_ctrl(&Frame::Pong { opaque }),
             Frame::Pong { opaque } => {
+                if let Some(d) = self.drain.as_mut() {
+                    if d.fence == Some(opaque) {
+                        d.fence = None;
+                        self.maybe_drained();
+                    }
+                }
                 // §10: an unsolicited PONG is ignored.
                 if let Some((o, sent)) = self.ping_out {
                     if o == opaque {
@@ -511,7 +521,10 @@ impl Session {
             return;
         }
         self.highest_cid = cid;
-        if self.drain.is_some() || self.streams.len() >= self.config.max_streams as usize {
+        // While draining, only OPENs the hub sent before it read our GOAWAY (those ahead of
+        // the fence's PONG) are still served: the hub cannot retry them on another session.
+        let drained = self.drain.as_ref().is_some_and(|d| d.fence.is_none());
+        if drained || self.streams.len() >= self.config.max_streams as usize {
             self.queue_ctrl(&Frame::Rst {
                 cid,
                 code: Code::REFUSED_STREAM.0,
@@ -906,9 +919,14 @@ impl Session {
             last_cid: self.highest_cid,
             reason,
         });
+        let fence = (self.side == Side::Agent).then(|| {
+            self.send_ping(now);
+            self.ping_seq
+        });
         self.drain = Some(Drain {
             deadline: now + self.config.shutdown_grace,
             code,
+            fence,
         });
         self.maybe_drained();
     }
@@ -1058,7 +1076,10 @@ impl Session {
     }
 
     fn maybe_drained(&mut self) {
-        if self.drain.is_some() && self.streams.is_empty() && self.state == State::Established {
+        if self.drain.as_ref().is_some_and(|d| d.fence.is_none())
+            && self.streams.is_empty()
+            && self.state == State::Established
+        {
             self.finish_drain(false);
         }
     }

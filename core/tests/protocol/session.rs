@@ -1260,19 +1260,86 @@ fn goaway_from_agent_stops_hub_opens() {
     let cid = p.open("ldap");
     p.drive();
     p.agent.goaway(p.now, Code::SHUTDOWN, "restart");
-    // An OPEN crossing the GOAWAY is refused by the agent.
+    // An OPEN crossing the GOAWAY (sent before the hub read it) is still served: it reaches the
+    // agent ahead of the PONG to the fence PING behind the GOAWAY, and the hub could not retry
+    // it elsewhere (the client's first bytes went with it).
     let crossing = p.open("ldap");
     p.drive();
     assert!(p
         .hub_end
         .saw(|e| matches!(e, Event::GoAway { last_cid, .. } if *last_cid == cid)));
-    assert_eq!(resets(&p.hub_end, crossing), [(Code::REFUSED_STREAM, true)]);
+    assert_eq!(resets(&p.hub_end, crossing), []);
     assert_eq!(
         p.hub.open(p.now, "ldap", "", None),
         Err(OpenError::Draining)
     );
-    // The existing stream completes, then the agent closes 1000.
+    // The existing and the crossing stream complete, then the agent closes 1000.
+    exchange(&mut p, crossing, 1000);
+    assert_eq!(p.agent.close_reason(), None);
     exchange(&mut p, cid, 100_000);
+    assert_eq!(closed_code(&p.agent_end), Some(close::NORMAL));
+}
+
+/// Frames of the messages `s` transmits now.
+fn sent_frames(s: &mut Session, now: Instant) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in drain_tx(s, now) {
+        let mut at = 0;
+        while at < m.len() {
+            let (f, n) = nowconnect_core::frame::decode_one(&m[at..], Side::Agent, 65_536)
+                .expect("agent frame");
+            out.push(format!("{f:?}"));
+            at += n;
+        }
+    }
+    out
+}
+
+/// A draining agent serves OPENs until the PONG to its fence PING, then refuses them.
+#[test]
+fn agent_refuses_opens_after_the_fence() {
+    let mut agent = raw_agent(Config::default());
+    agent.goaway(t(2), Code::SHUTDOWN, "restart");
+    let sent = sent_frames(&mut agent, t(2));
+    assert!(sent[0].starts_with("GoAway"), "{sent:?}");
+    let opaque = match sent.get(1).map(String::as_str) {
+        Some(p) if p.starts_with("Ping") => p
+            .trim_start_matches("Ping { opaque: ")
+            .trim_end_matches(" }")
+            .parse::<u64>()
+            .expect("opaque"),
+        other => panic!("no fence PING behind GOAWAY: {other:?}"),
+    };
+    // Crossing the GOAWAY: served.
+    agent.handle_message(t(3), &open_frame(1));
+    assert!(drain_events(&mut agent)
+        .iter()
+        .any(|e| matches!(e, Event::OpenRequest { cid: 1, .. })));
+    // The fence's PONG, then another OPEN: refused.
+    agent.handle_message(t(4), &msg(&Frame::Pong { opaque }));
+    agent.handle_message(t(4), &open_frame(2));
+    let sent = sent_frames(&mut agent, t(4));
+    assert!(
+        sent.iter().any(|f| f.starts_with("Rst { cid: 2, code: 10")),
+        "{sent:?}"
+    );
+    assert_eq!(agent.close_reason(), None, "stream 1 is still open");
+    agent.check_invariants().expect("invariants");
+}
+
+/// The agent's drain does not finish before its fence PING is answered: an OPEN still on its
+/// way must not meet a closed session.
+#[test]
+fn agent_drain_waits_for_the_fence() {
+    let mut p = Pair::connected();
+    p.hold_to_agent = true;
+    let now = p.now;
+    p.agent.goaway(now, Code::SHUTDOWN, "restart");
+    p.drive();
+    // No streams, but the PONG has not come back: still open.
+    assert_eq!(p.agent.close_reason(), None);
+    p.hold_to_agent = false;
+    p.drive();
     assert_eq!(closed_code(&p.agent_end), Some(close::NORMAL));
 }
 
