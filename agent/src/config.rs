@@ -209,8 +209,12 @@ pub struct TokenConfig {
     /// OAuth2 client-credentials grant.
     pub client_credentials: Option<ClientCredentials>,
     /// Share of the token lifetime (iat or nbf → exp) after which RENEW is sent. Default 0.8.
+    /// A client-credentials token is refreshed at the same point.
     #[serde(deserialize_with = "de::percent")]
     pub renew_at: f64,
+    /// In-band RENEW (default true). `false` (an agent extension): no RENEW; a tunnel is
+    /// replaced by a fresh one (make before break) shortly before its token expires.
+    pub renew: bool,
 }
 
 impl Default for TokenConfig {
@@ -219,11 +223,13 @@ impl Default for TokenConfig {
             file: None,
             client_credentials: None,
             renew_at: 0.8,
+            renew: true,
         }
     }
 }
 
-/// `token.client_credentials:`.
+/// `token.client_credentials:`. The secret is sent with HTTP Basic authentication
+/// (`client_secret_basic`); write `client_secret: ${VAR}` to keep it out of the file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientCredentials {
@@ -236,6 +242,9 @@ pub struct ClientCredentials {
     /// Requested scope.
     #[serde(default)]
     pub scope: Option<String>,
+    /// `audience` form parameter (some IdPs need it to issue a JWT for the hub).
+    #[serde(default)]
+    pub audience: Option<String>,
 }
 
 /// `reconnect:`.
@@ -541,6 +550,12 @@ impl AgentConfig {
         if let Some(cc) = &self.token.client_credentials {
             let u = conf::parse_url(&cc.token_url, &["https", "http"])
                 .map_err(|e| ConfigError::at("token.client_credentials.token_url", e))?;
+            if u.has_userinfo {
+                return Err(ConfigError::at(
+                    "token.client_credentials.token_url",
+                    "credentials in the token URL are not allowed; use client_id and client_secret",
+                ));
+            }
             if u.scheme == "http" && !u.is_loopback() {
                 return Err(ConfigError::at(
                     "token.client_credentials.token_url",
@@ -612,10 +627,7 @@ impl AgentConfig {
                 ));
             }
         } else if self.token.client_credentials.is_some() {
-            warnings.push(
-                "token.client_credentials: not supported by this build yet; use token.file or NOWCONNECT_TOKEN"
-                    .to_owned(),
-            );
+            // Asked for at run time (failures are retried, never fatal).
         } else if env(TOKEN_ENV).is_none_or(|t| t.trim().is_empty()) {
             warnings.push(format!(
                 "token: no token.file configured and {TOKEN_ENV} is not set"
@@ -632,5 +644,47 @@ impl AgentConfig {
     /// The admin listen address, if any.
     pub fn admin_listen(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.listen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "agent_id: a1\nhub:\n  url: wss://hub.example.com/v1/tunnel\n\
+                           connectors:\n  - name: ldap\n    targets: [dc1.corp.local:389]\n";
+
+    fn parse(token: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_yaml("agent.yaml", &format!("{MINIMAL}{token}"), &|k: &str| {
+            (k == "SECRET").then(|| "shh".to_owned())
+        })
+    }
+
+    #[test]
+    fn token_renew_switch_and_client_credentials_keys() {
+        let cfg = parse("").expect("minimal");
+        assert!(cfg.token.renew, "in-band RENEW is on by default");
+        let cfg = parse("token:\n  file: /run/t\n  renew: false\n").expect("renew off");
+        assert!(!cfg.token.renew);
+        let cc = "token:\n  client_credentials:\n    token_url: https://idp.example.com/t\n    \
+                  client_id: c\n    client_secret: ${SECRET}\n    audience: nowconnect-hub\n";
+        let cfg = parse(cc).expect("audience");
+        let c = cfg.token.client_credentials.expect("cc");
+        assert_eq!(c.audience.as_deref(), Some("nowconnect-hub"));
+        assert_eq!(c.client_secret.expose(), "shh");
+        // Credentials belong in client_id / client_secret, never in the URL.
+        let e = parse(&cc.replace("https://idp", "https://u:pw@idp")).expect_err("userinfo");
+        assert_eq!(
+            e.key().as_deref(),
+            Some("token.client_credentials.token_url")
+        );
+        assert!(!e.to_string().contains("pw@"), "{e}");
+        // http:// only to a loopback token endpoint.
+        assert!(parse(&cc.replace("https://idp.example.com", "http://127.0.0.1:8080")).is_ok());
+        let e = parse(&cc.replace("https://", "http://")).expect_err("http to a remote IdP");
+        assert_eq!(
+            e.key().as_deref(),
+            Some("token.client_credentials.token_url")
+        );
     }
 }

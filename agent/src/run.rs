@@ -234,12 +234,13 @@ pub fn start(cfg: AgentConfig) -> Result<Agent, StartError> {
 /// network, TLS or auth problems: those are retried).
 pub fn start_with(cfg: AgentConfig, env: EnvLookup<'_>) -> Result<Agent, StartError> {
     nowconnect_runtime::install_crypto_provider();
-    let token = TokenSource::from_config(&cfg.token, env).map_err(StartError::Token)?;
-    if let TokenSource::ClientCredentials(_) = token {
-        return Err(StartError::Unsupported(
-            "token.client_credentials is not supported by this build yet; use token.file or NOWCONNECT_TOKEN".into(),
-        ));
-    }
+    let token = TokenSource::from_config_with(
+        &cfg.token,
+        cfg.hub.ca_file.as_deref(),
+        cfg.proxy.as_ref(),
+        env,
+    )
+    .map_err(StartError::Token)?;
     let endpoints: Vec<_> = cfg.hub.endpoints().into_iter().cloned().collect();
     let tls = if endpoints.iter().any(|u| u.tls) {
         Some(dial::client_config(cfg.hub.ca_file.as_deref()).map_err(StartError::Tls)?)
@@ -434,7 +435,9 @@ fn run_token_thread(shared: Arc<Shared>) {
     let drain = shared.drain_signal();
     loop {
         shared.update_token_expiry();
-        renew_due(&shared);
+        if shared.cfg.token.renew {
+            renew_due(&shared);
+        }
         match drain.recv_timeout(TOKEN_TICK) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
@@ -448,12 +451,14 @@ fn renew_due(shared: &Shared) {
     if due.is_empty() {
         return;
     }
-    let retry = now + RENEW_RETRY.as_secs();
     let token = match shared.token.fetch() {
         Ok(t) => t,
         Err(e) => {
-            for (id, ..) in &due {
-                if !shared.registry.renew_postponed(id, retry) {
+            for (id, _, exp) in &due {
+                if !shared
+                    .registry
+                    .renew_postponed(id, renew_retry_at(now, *exp))
+                {
                     log::warn!(tunnel = id.as_str(); "cannot renew: {e}");
                 }
             }
@@ -462,12 +467,12 @@ fn renew_due(shared: &Shared) {
     };
     shared.note_token(token.times());
     for (id, handle, exp) in due {
-        let fresh = match (token.times().exp, exp) {
-            (Some(new), Some(old)) => new > old,
-            (Some(_), None) => true,
-            (None, _) => false,
+        let retry = renew_retry_at(now, exp);
+        let in_force = TokenTimes {
+            exp,
+            ..TokenTimes::default()
         };
-        if fresh {
+        if token.is_newer_than(&in_force) {
             handle.renew(token.expose());
             shared.registry.renew_sent(&id, token.times());
             log::info!(tunnel = id.as_str(), exp = token.times().exp.unwrap_or(0); "RENEW sent");
@@ -475,9 +480,39 @@ fn renew_due(shared: &Shared) {
             log::warn!(
                 tunnel = id.as_str(),
                 source = shared.token.describe().as_str();
-                "token due for renewal, but the token source has no newer token yet; retrying every {}s",
+                "token due for renewal, but the token source has no newer token yet; retrying (at most every {}s)",
                 RENEW_RETRY.as_secs()
             );
         }
+    }
+}
+
+/// When to look for a fresh token again after a RENEW could not be sent at `now`: a quarter
+/// of the time left before `exp`, at least 1 s, at most [`RENEW_RETRY`] (so a short-lived
+/// token is not left to expire between two looks).
+pub fn renew_retry_at(now: u64, exp: Option<u64>) -> u64 {
+    let left = exp.map_or(RENEW_RETRY.as_secs(), |e| e.saturating_sub(now));
+    now + (left / 4).clamp(1, RENEW_RETRY.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renew_retries_tighten_as_expiry_nears() {
+        // A quarter of the time left, between 1 s and RENEW_RETRY.
+        assert_eq!(
+            renew_retry_at(1000, Some(1400)),
+            1000 + RENEW_RETRY.as_secs()
+        );
+        assert_eq!(renew_retry_at(1000, Some(1020)), 1005);
+        assert_eq!(renew_retry_at(1000, Some(1002)), 1001);
+        assert_eq!(
+            renew_retry_at(1000, Some(900)),
+            1001,
+            "expired: keep looking"
+        );
+        assert_eq!(renew_retry_at(1000, None), 1000 + RENEW_RETRY.as_secs() / 4);
     }
 }

@@ -3,9 +3,16 @@
 //! Loop: fetch the token (a `token.file` is re-read each time) → dial → session → tunnel; when
 //! it ends, back off (exponential, full jitter; reset once a session reached HELLO_ACK) and
 //! dial again. Network, TLS and auth failures are logged and retried, never fatal. A hub
-//! GOAWAY (TOKEN_EXPIRED, SHUTDOWN…) makes it dial a replacement at once while the old tunnel
-//! drains its streams (wire-protocol.md §6). On agent drain: GOAWAY(SHUTDOWN) on its tunnels,
-//! no more dialing, and the thread ends once they have closed.
+//! GOAWAY (TOKEN_EXPIRED, SHUTDOWN…) makes it dial a replacement while the old tunnel drains its
+//! streams (wire-protocol.md §6): at once for TOKEN_EXPIRED, after a jittered wait otherwise.
+//!
+//! Make before break: when the current tunnel's token nears `exp` without a RENEW_ACK (in-band
+//! renewal off, refused or unanswered) and the token source has a newer token, a standby tunnel
+//! is dialed while the current one keeps serving. Once the standby has HELLO_ACK it becomes
+//! the current tunnel and the old one gets GOAWAY(TOKEN_EXPIRED) and drains: new clients never
+//! find the agent missing. A hub GOAWAY on the current tunnel promotes a standby in progress.
+//! On agent drain: GOAWAY(SHUTDOWN) on its tunnels, no more dialing, and the thread ends once
+//! they have closed.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -22,12 +29,20 @@ use crate::dial::DialError;
 use crate::metrics::{self, result};
 use crate::registry::LiveTunnel;
 use crate::run::{unix_now, Shared};
-use crate::token::TokenError;
+use crate::token::{Token, TokenError};
 use crate::tunnel::{AgentTunnel, LiveState, SlotEvent};
 
 /// How often the supervisor looks at its tunnels even without events (a tunnel thread that
 /// died without `on_closed` is noticed within this).
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(500);
+
+/// After a standby could not be dialed (no newer token yet, or the dial failed), look again
+/// after this.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+
+/// A replaced tunnel keeps taking new streams this long after its replacement's HELLO_ACK, so
+/// the hub has the replacement's HEALTH (sent on another connection) before the GOAWAY.
+const SWITCH_OVERLAP: Duration = Duration::from_secs(1);
 
 /// `software` in HELLO.
 pub fn software() -> String {
@@ -65,8 +80,14 @@ struct Supervisor {
     backoff: Backoff,
     /// The tunnel new streams go to.
     current: Option<Live>,
+    /// A replacement dialed before the current tunnel's token expires (make before break).
+    standby: Option<Live>,
+    /// Not before this, dial a standby.
+    standby_next: Option<Instant>,
     /// Tunnels replaced after a hub GOAWAY, or draining: their streams finish.
     old: Vec<Live>,
+    /// A tunnel replaced by a standby, and when to send it GOAWAY(TOKEN_EXPIRED).
+    retire: Option<(String, Instant)>,
     /// When to dial next (only while there is no current tunnel).
     retry_at: Option<Instant>,
     draining: bool,
@@ -86,7 +107,10 @@ pub fn run(shared: Arc<Shared>, slot: String, url: HubUrl) {
         events,
         backoff,
         current: None,
+        standby: None,
+        standby_next: None,
         old: Vec::new(),
+        retire: None,
         retry_at: Some(Instant::now()),
         draining: false,
         attempts: 0,
@@ -104,8 +128,16 @@ impl Supervisor {
         let mut drain = self.shared.drain_signal();
         loop {
             self.reap();
-            if self.draining && self.current.is_none() && self.old.is_empty() {
+            if self.draining
+                && self.current.is_none()
+                && self.standby.is_none()
+                && self.old.is_empty()
+            {
                 break;
+            }
+            if !self.draining {
+                self.retire_due();
+                self.maybe_standby();
             }
             let now = Instant::now();
             if !self.draining && self.current.is_none() && self.retry_at.is_some_and(|t| t <= now) {
@@ -113,6 +145,9 @@ impl Supervisor {
                 continue;
             }
             let mut timeout = TICK;
+            if let Some((_, at)) = &self.retire {
+                timeout = timeout.min(at.saturating_duration_since(now));
+            }
             if let (None, Some(at)) = (&self.current, self.retry_at) {
                 timeout = timeout.min(at.saturating_duration_since(now));
             }
@@ -188,8 +223,12 @@ impl Supervisor {
     }
 
     fn connect(&mut self) -> Result<Live, AttemptError> {
+        let token = self.shared.token.fetch().map_err(AttemptError::Token)?;
+        self.connect_with(token)
+    }
+
+    fn connect_with(&mut self, token: Token) -> Result<Live, AttemptError> {
         let shared = &self.shared;
-        let token = shared.token.fetch().map_err(AttemptError::Token)?;
         shared.note_token(token.times());
         log::debug!(hub = self.url.url.as_str(), slot = self.slot.as_str(); "dialing");
         let ws = shared
@@ -255,6 +294,9 @@ impl Supervisor {
             SlotEvent::Established { id } => {
                 self.count(result::OK);
                 self.backoff.reset();
+                if self.standby.as_ref().is_some_and(|c| c.id == id) {
+                    self.switch_to_standby();
+                }
                 if self.current.as_ref().is_some_and(|c| c.id == id) {
                     let draining = self.draining;
                     self.shared.registry.slot(&self.slot, |st| {
@@ -268,12 +310,23 @@ impl Supervisor {
                     if let Some(live) = self.current.take() {
                         self.old.push(live);
                     }
+                    if let Some(standby) = self.standby.take() {
+                        // Already dialed: it takes over (its HELLO_ACK may still be coming).
+                        log::info!(tunnel = id.as_str(), code = code.name(), replacement = standby.id.as_str(); "hub sent GOAWAY; the standby tunnel takes over");
+                        self.current = Some(standby);
+                        self.retry_at = None;
+                        return;
+                    }
                     // §6: a fresh tunnel with a fresh token before letting the old one go.
-                    // The backoff was reset at HELLO_ACK, so this waits at most
-                    // `reconnect.initial` (jittered: a hub draining many agents is not hit by
-                    // all of them at once, and a hub that GOAWAYs every session cannot make
-                    // us spin).
-                    let delay = self.backoff.next_delay();
+                    // TOKEN_EXPIRED concerns this agent alone: dial at once. Otherwise the
+                    // backoff (reset at HELLO_ACK) waits at most `reconnect.initial`,
+                    // jittered: a hub draining many agents is not hit by all of them at
+                    // once, and a hub that GOAWAYs every session cannot make us spin.
+                    let delay = if code == Code::TOKEN_EXPIRED {
+                        Duration::ZERO
+                    } else {
+                        self.backoff.next_delay()
+                    };
                     self.retry_at = Some(Instant::now() + delay);
                     log::debug!(tunnel = id.as_str(), code = code.name(), retry_in_ms = delay.as_millis() as u64; "replacing tunnel");
                 }
@@ -286,9 +339,15 @@ impl Supervisor {
     /// Joins tunnels that have ended, logs them, and schedules the next dial if the current
     /// one is gone.
     fn reap(&mut self) {
+        if let Some(live) = self.standby.take_if(|l| l.tunnel.handle().is_closed()) {
+            self.finish(live);
+            self.standby_next = Some(Instant::now() + STANDBY_RETRY);
+        }
         if let Some(live) = self.current.take_if(|l| l.tunnel.handle().is_closed()) {
             let established = self.finish(live);
-            if !self.draining {
+            if let Some(standby) = self.standby.take() {
+                self.current = Some(standby);
+            } else if !self.draining {
                 if established {
                     self.backoff.reset();
                 }
@@ -359,11 +418,113 @@ impl Supervisor {
         established
     }
 
+    /// Dials a standby when the current tunnel's token nears `exp` unrenewed and the token
+    /// source has a newer one (see the module documentation).
+    fn maybe_standby(&mut self) {
+        if self.standby.is_some() || self.standby_next.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let Some(current) = &self.current else {
+            return;
+        };
+        if !current.state.established.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(entry) = self
+            .shared
+            .registry
+            .snapshot()
+            .into_iter()
+            .find_map(|(id, t)| (id == current.id).then_some(t))
+        else {
+            return;
+        };
+        let now = unix_now();
+        if !entry.is_serving() || entry.token.replace_at(now).is_none_or(|at| now < at) {
+            return;
+        }
+        let current_id = current.id.clone();
+        self.standby_next = Some(Instant::now() + STANDBY_RETRY);
+        let token = match self.shared.token.fetch() {
+            Ok(t) if t.is_newer_than(&entry.token) => t,
+            Ok(_) => {
+                log::debug!(tunnel = current_id.as_str(); "token nears expiry unrenewed; no newer token yet for a replacement");
+                return;
+            }
+            Err(e) => {
+                log::warn!(tunnel = current_id.as_str(), reason = e.to_string().as_str(); "token nears expiry unrenewed; cannot get a token for a replacement");
+                return;
+            }
+        };
+        log::info!(
+            hub = self.url.url.as_str(),
+            tunnel = current_id.as_str(),
+            exp = entry.token.exp.unwrap_or(0);
+            "token nears expiry without renewal: opening a replacement tunnel before letting this one go"
+        );
+        self.attempts += 1;
+        match self.connect_with(token) {
+            Ok(live) => self.standby = Some(live),
+            Err(e) => {
+                if let AttemptError::Dial(d) = &e {
+                    self.count(d.result());
+                }
+                log::warn!(
+                    hub = self.url.url.as_str(),
+                    tunnel = current_id.as_str(),
+                    reason = e.to_string().as_str();
+                    "replacement tunnel failed; the current one keeps serving"
+                );
+            }
+        }
+    }
+
+    /// The standby reached HELLO_ACK: it becomes current; the old current drains.
+    fn switch_to_standby(&mut self) {
+        if self.draining {
+            // Its own handler sent GOAWAY(SHUTDOWN) at HELLO_ACK; it closes like the others.
+            return;
+        }
+        let Some(standby) = self.standby.take() else {
+            return;
+        };
+        if let Some(old) = self.current.take() {
+            log::info!(
+                hub = self.url.url.as_str(),
+                tunnel = old.id.as_str(),
+                replacement = standby.id.as_str();
+                "replacement tunnel up; the old one drains"
+            );
+            self.retire = Some((old.id.clone(), Instant::now() + SWITCH_OVERLAP));
+            self.old.push(old);
+        }
+        self.current = Some(standby);
+        self.retry_at = None;
+    }
+
+    /// GOAWAY(TOKEN_EXPIRED) on the replaced tunnel once [`SWITCH_OVERLAP`] has passed.
+    fn retire_due(&mut self) {
+        let Some((id, _)) = self.retire.take_if(|(_, at)| *at <= Instant::now()) else {
+            return;
+        };
+        if let Some(old) = self.old.iter().find(|l| l.id == id) {
+            old.tunnel.handle().goaway(
+                Code::TOKEN_EXPIRED,
+                "token expiring; replaced by a fresh tunnel",
+            );
+        }
+    }
+
     /// Agent drain: GOAWAY(SHUTDOWN) on established tunnels, close the others; dial no more.
     fn start_drain(&mut self) {
         self.draining = true;
         self.retry_at = None;
-        for live in self.current.iter().chain(self.old.iter()) {
+        for live in self
+            .current
+            .iter()
+            .chain(self.standby.iter())
+            .chain(self.old.iter())
+        {
             let h = live.tunnel.handle();
             if live.state.established.load(Ordering::Acquire) {
                 h.goaway(Code::SHUTDOWN, "agent shutting down");

@@ -236,7 +236,7 @@ impl TunnelHandler for AgentTunnel {
             code = code.name(),
             last_cid = last_cid,
             reason = reason;
-            "hub sent GOAWAY; opening a replacement tunnel"
+            "hub sent GOAWAY: no new streams on this tunnel; its streams drain"
         );
         let _ = self.supervisor.send(SlotEvent::GoAway {
             id: self.id.clone(),

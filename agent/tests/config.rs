@@ -670,10 +670,11 @@ fn token_from_environment_and_unsupported_sources() {
         "{MINIMAL}token:\n  client_credentials:\n    token_url: https://idp/t\n    client_id: c\n    client_secret: s\n"
     );
     let cfg = parse(&cc).expect("parses");
+    // client_credentials wins over the environment (its fetch is tested in token.rs and
+    // tests/tests/renew_e2e.rs).
     let source = TokenSource::from_config(&cfg.token, &env).expect("cc");
-    let e = source.fetch().expect_err("not supported");
-    assert!(matches!(e, TokenError::NotSupported(_)));
-    assert!(e.to_string().contains("not supported yet"), "{e}");
+    assert!(matches!(source, TokenSource::ClientCredentials(_)));
+    assert_eq!(source.describe(), "client_credentials https://idp/t");
 }
 
 #[test]

@@ -14,7 +14,7 @@
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -39,6 +39,9 @@ pub const UNLOADED_RETRY: Duration = Duration::from_secs(5);
 pub const FAILED_RETRY: Duration = Duration::from_secs(30);
 /// Overall timeout of one JWKS fetch.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Overall timeout of the fetch an unknown `kid` triggers: it runs inside an upgrade, whose
+/// whole handshake must fit in 10 s.
+pub const KID_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Smallest RSA modulus accepted.
 pub const MIN_RSA_BITS: usize = 2048;
 
@@ -543,14 +546,25 @@ pub fn validate_token(
     let Some(kid) = header.get("kid").and_then(Value::as_str) else {
         return Err(refuse.invalid(Reason::MissingKid, "header has no kid"));
     };
-    let Some(jwk) = keys.find(kid) else {
+    // An IdP may publish several keys under one kid (e.g. a `sig` and an `enc` key): the first
+    // that fits the token's algorithm is used.
+    let mut candidates = keys
+        .keys
+        .iter()
+        .filter(|k| k.common.key_id.as_deref() == Some(kid));
+    let Some(first) = candidates.next() else {
         return Err(AuthError::UnknownKid(Rejection {
             reason: Reason::UnknownKid,
             detail: "kid not found in the JWKS".to_owned(),
             summary: summary.clone(),
         }));
     };
-    check_jwk(jwk, alg).map_err(|d| refuse.invalid(Reason::KeyMismatch, d))?;
+    let jwk = match check_jwk(first, alg) {
+        Ok(()) => first,
+        Err(detail) => candidates
+            .find(|k| check_jwk(k, alg).is_ok())
+            .ok_or_else(|| refuse.invalid(Reason::KeyMismatch, detail))?,
+    };
     let key = DecodingKey::from_jwk(jwk)
         .map_err(|_| refuse.invalid(Reason::KeyMismatch, "JWK is not a usable key"))?;
     // The signed message is the first two parts exactly as sent.
@@ -685,12 +699,44 @@ impl fmt::Display for JwksError {
 impl std::error::Error for JwksError {}
 
 /// Parses a JWKS document; at least one key must have a `kid` (tokens are matched by kid).
+///
+/// Keys are parsed one by one: a key this hub cannot read (a member of the wrong type, say, in
+/// a key meant for something else) is left out rather than failing the whole set, so one odd
+/// key published by the IdP does not take every other key (and the hub's readiness) with it.
 pub fn parse_jwks(bytes: &[u8]) -> Result<JwkSet, JwksError> {
-    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| JwksError::Parse(e.to_string()))?;
-    if !set.keys.iter().any(|k| k.common.key_id.is_some()) {
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<Value>,
+    }
+    let raw: RawSet = serde_json::from_slice(bytes).map_err(|e| JwksError::Parse(e.to_string()))?;
+    let published = raw.keys.len();
+    let keys: Vec<Jwk> = raw
+        .keys
+        .into_iter()
+        .filter_map(|k| serde_json::from_value::<Jwk>(k).ok())
+        .collect();
+    if keys.len() < published {
+        log::debug!(
+            "JWKS: {} of {published} key(s) left out (not readable as a JWK)",
+            published - keys.len()
+        );
+    }
+    if !keys.iter().any(|k| k.common.key_id.is_some()) {
         return Err(JwksError::NoKeys);
     }
-    Ok(set)
+    Ok(JwkSet { keys })
+}
+
+/// The `kid`s of a key set, sorted, deduplicated and sanitized (for logs).
+pub fn kids(set: &JwkSet) -> Vec<String> {
+    let mut kids: Vec<String> = set
+        .keys
+        .iter()
+        .filter_map(|k| k.common.key_id.as_deref().map(sanitize))
+        .collect();
+    kids.sort();
+    kids.dedup();
+    kids
 }
 
 /// Reads and parses a JWKS file (at most [`MAX_JWKS_BYTES`]).
@@ -766,10 +812,15 @@ impl JwksSource {
             .root_certs(RootCerts::new_with_certs(&roots))
             .unversioned_rustls_crypto_provider(provider)
             .build();
+        // An https:// JWKS URL never follows a redirect to plain http.
+        let https = url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
         let agent = ureq::Agent::config_builder()
             .tls_config(tls)
             .timeout_global(Some(timeout))
             .http_status_as_error(true)
+            .https_only(https)
             .max_redirects(3)
             .build()
             .new_agent();
@@ -781,14 +832,19 @@ impl JwksSource {
 
     /// Loads the key set once (blocking; a URL fetch is bounded by its timeout).
     pub fn fetch(&self) -> Result<JwkSet, JwksError> {
+        self.fetch_within(None)
+    }
+
+    /// [`JwksSource::fetch`], a URL fetch bounded by `timeout` instead of the source's own.
+    pub fn fetch_within(&self, timeout: Option<Duration>) -> Result<JwkSet, JwksError> {
         match self {
             JwksSource::File(path) => load_jwks_file(path),
             JwksSource::Url { url, agent } => {
-                let mut resp = agent
-                    .get(url)
-                    .header("Accept", "application/json")
-                    .call()
-                    .map_err(|e| JwksError::Http(e.to_string()))?;
+                let mut req = agent.get(url).header("Accept", "application/json");
+                if let Some(t) = timeout {
+                    req = req.config().timeout_global(Some(t)).build();
+                }
+                let mut resp = req.call().map_err(|e| JwksError::Http(e.to_string()))?;
                 let body = resp
                     .body_mut()
                     .with_config()
@@ -900,12 +956,46 @@ impl JwksCache {
     }
 }
 
+/// What started a JWKS refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshTrigger {
+    /// The first load, the periodic `jwks_refresh`, a retry, or an explicit [`Jwks::refresh`].
+    Scheduled,
+    /// A token with a `kid` not in the JWKS (rate-limited).
+    UnknownKid,
+}
+
+/// One finished refresh, as the [`Jwks`] observer sees it (metrics and logs).
+#[derive(Debug)]
+pub struct RefreshEvent<'a> {
+    /// What started it.
+    pub trigger: RefreshTrigger,
+    /// Keys were in use before it.
+    pub was_loaded: bool,
+    /// The number of keys installed, or why nothing was (the last good keys stay).
+    pub result: &'a Result<usize, JwksError>,
+    /// The `kid`s now in use, when this refresh changed them (see [`kids`]).
+    pub kids_changed: Option<Vec<String>>,
+}
+
+type Observer = Box<dyn Fn(&RefreshEvent<'_>) + Send + Sync>;
+
 /// A [`JwksSource`] with its [`JwksCache`], shareable between threads. Fetches run outside the
 /// lock, so validations never wait on the network (only the one caller that refreshes does).
-#[derive(Debug)]
+/// Every finished refresh, whatever started it, is reported to the observer, if one is set.
 pub struct Jwks {
     source: JwksSource,
     cache: Mutex<JwksCache>,
+    observer: OnceLock<Observer>,
+}
+
+impl fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Jwks")
+            .field("source", &self.source)
+            .field("cache", &*self.lock())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Jwks {
@@ -922,12 +1012,19 @@ impl Jwks {
         Jwks {
             source,
             cache: Mutex::new(cache),
+            observer: OnceLock::new(),
         }
     }
 
     /// From `auth:`; nothing is fetched yet.
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, JwksError> {
         Ok(Self::new(JwksSource::from_config(cfg)?, cfg.jwks_refresh))
+    }
+
+    /// Calls `f` after every finished refresh (periodic or unknown-kid). Only the first
+    /// observer set is kept; returns false if one was already set.
+    pub fn set_observer(&self, f: impl Fn(&RefreshEvent<'_>) + Send + Sync + 'static) -> bool {
+        self.observer.set(Box::new(f)).is_ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, JwksCache> {
@@ -955,11 +1052,36 @@ impl Jwks {
         self.lock().next_refresh(now)
     }
 
+    /// Installs a fetch result and tells the observer.
+    fn finish(
+        &self,
+        trigger: RefreshTrigger,
+        fetched: Result<JwkSet, JwksError>,
+    ) -> Result<usize, JwksError> {
+        let new_kids = fetched.as_ref().ok().map(kids);
+        let (was_loaded, old_kids, result) = {
+            let mut cache = self.lock();
+            let old = cache.keys();
+            let result = cache.finish_refresh(fetched);
+            (old.is_some(), old.map(|k| kids(&k)), result)
+        };
+        if let Some(observe) = self.observer.get() {
+            let kids_changed = new_kids.filter(|k| old_kids.as_ref() != Some(k));
+            observe(&RefreshEvent {
+                trigger,
+                was_loaded,
+                result: &result,
+                kids_changed,
+            });
+        }
+        result
+    }
+
     /// Fetches now and installs the result (an error keeps the last good keys).
     pub fn refresh(&self, now: Instant) -> Result<usize, JwksError> {
         self.lock().begin_refresh(now);
-        let result = self.source.fetch();
-        self.lock().finish_refresh(result)
+        let fetched = self.source.fetch();
+        self.finish(RefreshTrigger::Scheduled, fetched)
     }
 
     /// Refreshes if due at `now`; `None` if not due.
@@ -971,17 +1093,18 @@ impl Jwks {
             }
             cache.begin_refresh(now);
         }
-        let result = self.source.fetch();
-        Some(self.lock().finish_refresh(result))
+        let fetched = self.source.fetch();
+        Some(self.finish(RefreshTrigger::Scheduled, fetched))
     }
 
-    /// The unknown-kid refresh: `None` if rate-limited, else the refresh result.
+    /// The unknown-kid refresh: `None` if rate-limited, else the refresh result. The fetch is
+    /// bounded by [`KID_FETCH_TIMEOUT`] (it runs inside an upgrade).
     pub fn refresh_for_unknown_kid(&self, now: Instant) -> Option<Result<usize, JwksError>> {
         if !self.lock().try_begin_kid_refresh(now) {
             return None;
         }
-        let result = self.source.fetch();
-        Some(self.lock().finish_refresh(result))
+        let fetched = self.source.fetch_within(Some(KID_FETCH_TIMEOUT));
+        Some(self.finish(RefreshTrigger::UnknownKid, fetched))
     }
 }
 
@@ -1075,5 +1198,234 @@ impl Authenticator {
             },
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    struct Key {
+        jwk: Value,
+        encoding: EncodingKey,
+        alg: Algorithm,
+    }
+
+    fn ec(kid: &str, alg: Algorithm) -> Key {
+        let (curve, crv, coord) = match alg {
+            Algorithm::ES384 => (&rcgen::PKCS_ECDSA_P384_SHA384, "P-384", 48),
+            _ => (&rcgen::PKCS_ECDSA_P256_SHA256, "P-256", 32),
+        };
+        let pair = rcgen::KeyPair::generate_for(curve).expect("EC key");
+        let raw = pair.public_key_raw();
+        Key {
+            jwk: json!({"kty": "EC", "crv": crv, "x": b64(&raw[1..=coord]),
+                        "y": b64(&raw[1 + coord..]), "kid": kid, "alg": format!("{alg:?}"),
+                        "use": "sig"}),
+            encoding: EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).expect("pem"),
+            alg,
+        }
+    }
+
+    fn ed(kid: &str) -> Key {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+        Key {
+            jwk: json!({"kty": "OKP", "crv": "Ed25519", "x": b64(pair.public_key_raw()),
+                        "kid": kid, "alg": "EdDSA", "use": "sig"}),
+            encoding: EncodingKey::from_ed_pem(pair.serialize_pem().as_bytes()).expect("pem"),
+            alg: Algorithm::EdDSA,
+        }
+    }
+
+    fn policy() -> AuthPolicy {
+        AuthPolicy {
+            issuer: "https://idp.test/".into(),
+            audience: "hub".into(),
+            algorithms: vec![Algorithm::ES256, Algorithm::ES384, Algorithm::EdDSA],
+            agent_id_claim: "sub".into(),
+            connectors_claim: None,
+            leeway_secs: 30,
+        }
+    }
+
+    fn token(key: &Key, kid: &str) -> String {
+        let mut h = Header::new(key.alg);
+        h.kid = Some(kid.into());
+        let claims = json!({"iss": "https://idp.test/", "aud": "hub", "sub": "a1",
+                            "exp": NOW + 600, "iat": NOW});
+        jsonwebtoken::encode(&h, &claims, &key.encoding).expect("sign")
+    }
+
+    fn set(jwks: &[&Value]) -> JwkSet {
+        parse_jwks(json!({ "keys": jwks }).to_string().as_bytes()).expect("JWKS")
+    }
+
+    #[test]
+    fn each_configured_curve_algorithm_verifies_and_only_with_its_own_key_type() {
+        let keys = [
+            ec("p256", Algorithm::ES256),
+            ec("p384", Algorithm::ES384),
+            ed("ed"),
+        ];
+        let jwks = set(&keys.iter().map(|k| &k.jwk).collect::<Vec<_>>());
+        for (key, kid) in keys.iter().zip(["p256", "p384", "ed"]) {
+            let v = validate_token(&policy(), &jwks, &token(key, kid), NOW)
+                .unwrap_or_else(|e| panic!("{kid}: {e}"));
+            assert_eq!(v.agent_id, "a1");
+            // The same signature presented under another key's kid never verifies.
+            for other in ["p256", "p384", "ed"].iter().filter(|o| **o != kid) {
+                let err = validate_token(&policy(), &jwks, &token(key, other), NOW)
+                    .expect_err("another kid");
+                assert_eq!(err.reason(), Some(Reason::KeyMismatch), "{kid} as {other}");
+            }
+        }
+        // A JWK without alg/use still has to fit by kty and curve.
+        let mut bare = ec("bare", Algorithm::ES384).jwk;
+        bare.as_object_mut().expect("object").remove("alg");
+        bare.as_object_mut().expect("object").remove("use");
+        let jwks = set(&[&bare]);
+        let p256 = ec("x", Algorithm::ES256);
+        let err = validate_token(&policy(), &jwks, &token(&p256, "bare"), NOW).expect_err("P-256");
+        assert_eq!(err.reason(), Some(Reason::KeyMismatch));
+    }
+
+    #[test]
+    fn one_unreadable_key_does_not_sink_the_set() {
+        let good = ec("good", Algorithm::ES256);
+        let bad = json!({"kty": "EC", "crv": "P-256", "x": 1, "y": [], "kid": "bad", "use": 7});
+        let jwks = parse_jwks(json!({"keys": [bad, good.jwk]}).to_string().as_bytes())
+            .expect("the readable key is kept");
+        assert_eq!(kids(&jwks), vec!["good".to_owned()]);
+        assert!(validate_token(&policy(), &jwks, &token(&good, "good"), NOW).is_ok());
+        // Nothing readable: no keys.
+        let only_bad = json!({"keys": [{"kid": "x", "use": 7}]});
+        assert_eq!(
+            parse_jwks(only_bad.to_string().as_bytes()),
+            Err(JwksError::NoKeys)
+        );
+    }
+
+    #[test]
+    fn a_kid_shared_by_an_encryption_key_and_a_signing_key_uses_the_signing_key() {
+        let sig = ec("shared", Algorithm::ES256);
+        let mut enc = ec("shared", Algorithm::ES256).jwk;
+        enc["use"] = json!("enc");
+        enc["alg"] = json!("ECDH-ES");
+        let jwks = set(&[&enc, &sig.jwk]);
+        assert!(validate_token(&policy(), &jwks, &token(&sig, "shared"), NOW).is_ok());
+        // Only the encryption key: refused with the mismatch.
+        let jwks = set(&[&enc]);
+        let err = validate_token(&policy(), &jwks, &token(&sig, "shared"), NOW).expect_err("enc");
+        assert_eq!(err.reason(), Some(Reason::KeyMismatch));
+    }
+
+    #[test]
+    fn every_refresh_is_reported_to_the_observer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("jwks.json");
+        let a = ec("a", Algorithm::ES256);
+        let b = ed("b");
+        let write = |keys: &[&Value]| {
+            std::fs::write(&path, json!({ "keys": keys }).to_string()).expect("write JWKS")
+        };
+        write(&[&a.jwk]);
+        let jwks = Jwks::with_cache(
+            JwksSource::File(path.clone()),
+            JwksCache::new(None, Duration::from_secs(30)),
+        );
+        type Seen = (
+            RefreshTrigger,
+            bool,
+            Result<usize, JwksError>,
+            Option<Vec<String>>,
+        );
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        assert!(jwks.set_observer({
+            let seen = seen.clone();
+            move |ev: &RefreshEvent<'_>| {
+                seen.lock().expect("lock").push((
+                    ev.trigger,
+                    ev.was_loaded,
+                    ev.result.clone(),
+                    ev.kids_changed.clone(),
+                ));
+            }
+        }));
+        assert!(
+            !jwks.set_observer(|_: &RefreshEvent<'_>| {}),
+            "only one observer"
+        );
+        let t0 = Instant::now();
+        let take = || std::mem::take(&mut *seen.lock().expect("lock"));
+
+        assert_eq!(jwks.refresh(t0), Ok(1));
+        assert_eq!(
+            take(),
+            vec![(
+                RefreshTrigger::Scheduled,
+                false,
+                Ok(1),
+                Some(vec!["a".into()])
+            )]
+        );
+        assert_eq!(jwks.refresh(t0), Ok(1));
+        assert_eq!(take(), vec![(RefreshTrigger::Scheduled, true, Ok(1), None)]);
+
+        write(&[&a.jwk, &b.jwk]);
+        assert_eq!(jwks.refresh_for_unknown_kid(t0), Some(Ok(2)));
+        assert_eq!(
+            take(),
+            vec![(
+                RefreshTrigger::UnknownKid,
+                true,
+                Ok(2),
+                Some(vec!["a".into(), "b".into()])
+            )]
+        );
+        // Rate-limited: no fetch, nothing reported.
+        assert_eq!(
+            jwks.refresh_for_unknown_kid(t0 + Duration::from_secs(29)),
+            None
+        );
+        assert!(take().is_empty());
+
+        // A failed refresh is reported and keeps the keys.
+        std::fs::remove_file(&path).expect("remove JWKS");
+        assert!(matches!(jwks.refresh(t0), Err(JwksError::Io(_))));
+        let events = take();
+        assert_eq!(events.len(), 1);
+        assert!(matches!(
+            &events[0],
+            (RefreshTrigger::Scheduled, true, Err(JwksError::Io(_)), None)
+        ));
+        assert_eq!(
+            jwks.keys().map(|k| kids(&k)),
+            Some(vec!["a".into(), "b".into()])
+        );
+    }
+
+    #[test]
+    fn an_https_source_never_follows_a_redirect_to_plain_http() {
+        // An https URL gets an https_only agent (ureq then refuses any http:// hop).
+        let https = JwksSource::url("https://127.0.0.1:1/jwks", None, Duration::from_secs(1))
+            .expect("source");
+        let JwksSource::Url { agent, .. } = &https else {
+            panic!("not a URL source");
+        };
+        assert!(agent.config().https_only());
+        let http = JwksSource::url("http://127.0.0.1:1/jwks", None, Duration::from_secs(1))
+            .expect("source");
+        let JwksSource::Url { agent, .. } = &http else {
+            panic!("not a URL source");
+        };
+        assert!(!agent.config().https_only());
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod pdp;
 pub mod pool;
 pub mod server;
 mod status;

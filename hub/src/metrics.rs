@@ -26,10 +26,13 @@ pub const BYTES: &str = "nowconnect_bytes_total";
 pub const OPEN_DURATION: &str = "nowconnect_open_duration_seconds";
 /// Counter `{result}`: `allow`, `deny`, `error`, `cached_allow`, `cached_deny`.
 pub const PDP_REQUESTS: &str = "nowconnect_pdp_requests_total";
+/// Histogram: duration of each PDP call (cached decisions are not calls).
+pub const PDP_DURATION: &str = "nowconnect_pdp_duration_seconds";
 /// Counter `{result}`: `ok`, `error`.
 pub const JWKS_REFRESH: &str = "nowconnect_jwks_refresh_total";
-/// Counter `{kind}`: sessions ended by a protocol violation (`protocol_error`, `timeout`,
-/// `version`).
+/// Counter `{kind}`: protocol violations by agents — sessions ended (`protocol_error`,
+/// `timeout`, `version`) and streams reset with the session kept (`stream_protocol_error`,
+/// `flow_control`).
 pub const PROTOCOL_ERRORS: &str = "nowconnect_protocol_errors_total";
 /// Gauge `{version}` = 1.
 pub const BUILD_INFO: &str = "nowconnect_build_info";
@@ -151,10 +154,11 @@ pub fn registry() -> Registry {
         SECONDS_BUCKETS,
     );
     r.counter(PDP_REQUESTS, "PDP decisions by result", &["result"]);
+    r.histogram(PDP_DURATION, "PDP call duration", &[], SECONDS_BUCKETS);
     r.counter(JWKS_REFRESH, "JWKS refreshes by result", &["result"]);
     r.counter(
         PROTOCOL_ERRORS,
-        "Sessions ended by a protocol violation",
+        "Protocol violations by agents: sessions ended, streams reset",
         &["kind"],
     );
     r.gauge(BUILD_INFO, "Build information", &["version"]);

@@ -8,6 +8,7 @@
 //!  nc-hub-accept      the agents' listener (wss:// or ws://) ──▶ nc-upgrade (one per handshake,
 //!                     ≤ 64 at once, 10 s deadline): TLS, upgrade, JWT ──▶ nc-tunnel-<id>
 //!  nc-conn-<name>     one per connector listener: allow_clients, pick a session, open a stream
+//!  nc-pdp             short-lived, one per client waiting for a PDP decision (bounded)
 //!  nc-jwks            periodic JWKS refresh (the first success makes the hub ready)
 //!  nc-hub-tick        1 s ticker: GOAWAY(TOKEN_EXPIRED) to sessions whose token lapsed
 //!  nc-admin           /healthz /readyz /metrics and the status page
@@ -33,9 +34,10 @@ use nowconnect_runtime::conf::{ConfigError, EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME};
 use nowconnect_runtime::metrics::Registry;
 use nowconnect_runtime::{TunnelHandle, Waker};
 
-use crate::auth::{unix_now, Authenticator};
+use crate::auth::{unix_now, Authenticator, RefreshEvent, RefreshTrigger};
 use crate::config::HubConfig;
 use crate::metrics;
+use crate::pdp::Pdp;
 use crate::pool::{Member, Pools};
 use crate::tunnel::TunnelEntry;
 use crate::{listener, status, upgrade};
@@ -318,11 +320,11 @@ pub fn start(cfg: HubConfig) -> Result<Hub, StartError> {
         let state = state.clone();
         move || tick_loop(&state)
     })?);
-    if state.cfg.authz.pdp.is_some() {
-        log::warn!(
-            "authz.pdp is configured but not implemented yet: every client is treated as a PDP \
-             error (on_error: {:?})",
-            state.cfg.authz.pdp.as_ref().map(|p| p.on_error)
+    if let Some(pdp) = &state.pdp {
+        log::info!(
+            "authz.pdp: every OPEN is authorized (timeout {:?}, on_error {:?})",
+            pdp.timeout,
+            pdp.on_error
         );
     }
     log::info!(
@@ -354,6 +356,8 @@ pub(crate) struct HubState {
     /// `None` with `plaintext: true`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub auth: Authenticator,
+    /// `authz.pdp`: every OPEN is authorized by it (see `listener`).
+    pub pdp: Option<Pdp>,
     pub pools: Pools<TunnelHandle>,
     pub metrics: Registry,
     tunnels: Mutex<BTreeMap<u64, TunnelEntry>>,
@@ -364,8 +368,8 @@ pub(crate) struct HubState {
     pub listeners_bound: AtomicBool,
     /// Tunnels counted against `max_tunnels` (reserved at the upgrade decision).
     pub tunnel_slots: AtomicUsize,
-    /// Handshakes in progress (capped).
-    pub handshakes: AtomicUsize,
+    /// Handshakes in progress (capped in all and per source address).
+    pub handshakes: crate::upgrade::Handshakes,
     /// Wakes the connector listeners (drain) and the agents' listener (stop).
     pub connectors_waker: Waker,
     pub ws_waker: Waker,
@@ -384,10 +388,16 @@ impl HubState {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(unix_now());
         h.write_u32(std::process::id());
+        let pdp = cfg
+            .authz
+            .pdp
+            .as_ref()
+            .map(|p| Pdp::new(p, cfg.connectors.len()));
         Ok(HubState {
             cfg,
             tls,
             auth,
+            pdp,
             pools: Pools::default(),
             metrics: metrics::registry(),
             tunnels: Mutex::new(BTreeMap::new()),
@@ -397,7 +407,7 @@ impl HubState {
             drain_requested: Condvar::new(),
             listeners_bound: AtomicBool::new(false),
             tunnel_slots: AtomicUsize::new(0),
-            handshakes: AtomicUsize::new(0),
+            handshakes: crate::upgrade::Handshakes::default(),
             connectors_waker: Waker::new()?,
             ws_waker: Waker::new()?,
             stopped: Mutex::new(false),
@@ -603,30 +613,14 @@ impl HubState {
 }
 
 /// Keeps the JWKS fresh (security.md): the first success makes the hub ready; a failed refresh
-/// keeps the last good keys.
+/// keeps the last good keys. Every refresh — this loop's and the unknown-kid ones the upgrades
+/// trigger — is counted and logged by [`observe_jwks`].
 fn jwks_loop(state: &HubState) {
     let jwks = state.auth.jwks();
+    jwks.set_observer(observe_jwks(state.metrics.clone()));
     loop {
-        let was_loaded = jwks.is_loaded();
-        match jwks.refresh_if_due(Instant::now()) {
-            Some(Ok(n)) => {
-                state.metrics.inc(metrics::JWKS_REFRESH, &["ok"]);
-                if was_loaded {
-                    log::debug!("JWKS refreshed: {n} key(s)");
-                } else {
-                    log::info!("JWKS loaded: {n} key(s)");
-                }
-            }
-            Some(Err(e)) => {
-                state.metrics.inc(metrics::JWKS_REFRESH, &["error"]);
-                if was_loaded {
-                    log::warn!("JWKS refresh failed, keeping the last good keys: {e}");
-                } else {
-                    log::warn!("JWKS not loaded, hub not ready (upgrades get 503): {e}");
-                }
-            }
-            None => {}
-        }
+        // The observer has counted and logged the outcome.
+        let _ = jwks.refresh_if_due(Instant::now());
         let now = Instant::now();
         let wait = jwks
             .next_refresh(now)
@@ -636,6 +630,67 @@ fn jwks_loop(state: &HubState) {
             return;
         }
     }
+}
+
+/// `nowconnect_jwks_refresh_total{result}` and the log line of one finished JWKS refresh.
+fn observe_jwks(registry: Registry) -> impl Fn(&RefreshEvent<'_>) + Send + Sync + 'static {
+    move |ev| {
+        let trigger = match ev.trigger {
+            RefreshTrigger::Scheduled => "scheduled",
+            RefreshTrigger::UnknownKid => "unknown_kid",
+        };
+        match ev.result {
+            Ok(n) => {
+                registry.inc(metrics::JWKS_REFRESH, &["ok"]);
+                match (&ev.kids_changed, ev.was_loaded) {
+                    (Some(kids), false) => log::info!(
+                        kids = kid_list(kids).as_str(), trigger = trigger;
+                        "JWKS loaded: {n} key(s)"
+                    ),
+                    (Some(kids), true) => log::info!(
+                        kids = kid_list(kids).as_str(), trigger = trigger;
+                        "JWKS refreshed: {n} key(s), key set changed"
+                    ),
+                    (None, _) if ev.trigger == RefreshTrigger::UnknownKid => log::info!(
+                        trigger = trigger;
+                        "JWKS refreshed for an unknown kid: key set unchanged"
+                    ),
+                    (None, _) => {
+                        log::debug!(trigger = trigger; "JWKS refreshed: {n} key(s), unchanged")
+                    }
+                }
+            }
+            Err(e) => {
+                registry.inc(metrics::JWKS_REFRESH, &["error"]);
+                if ev.was_loaded {
+                    log::warn!(
+                        trigger = trigger;
+                        "JWKS refresh failed, keeping the last good keys: {e}"
+                    );
+                } else {
+                    log::warn!(
+                        trigger = trigger;
+                        "JWKS not loaded, hub not ready (upgrades get 503): {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// At most 16 kids, comma-separated, for a log field.
+fn kid_list(kids: &[String]) -> String {
+    const SHOWN: usize = 16;
+    let mut s = kids
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",");
+    if kids.len() > SHOWN {
+        s += &format!(",... ({} more)", kids.len() - SHOWN);
+    }
+    s
 }
 
 /// Every second: GOAWAY(TOKEN_EXPIRED) to established sessions whose token passed

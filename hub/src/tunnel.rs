@@ -440,6 +440,25 @@ impl TunnelHandler for HubTunnel {
                 remote,
             } => (Some(*code), loggable_reason(reason), *remote),
         };
+        // §10 stream errors by the agent (seq gap, DATA after FIN, DATA beyond credit, WINDOW
+        // overflow): the hub resets the stream and the session lives on, but the violation is
+        // counted. A session dying of a protocol error also resets its streams with
+        // PROTOCOL_ERROR, carrying the session's close reason; the core's stream-level reasons
+        // are "DATA seq gap or repeat" and "DATA after FIN".
+        let violation = match (&end, remote) {
+            (StreamEnd::Reset { code, .. }, false) if *code == Code::FLOW_CONTROL_ERROR => {
+                Some("flow_control")
+            }
+            (StreamEnd::Reset { code, reason, .. }, false)
+                if *code == Code::PROTOCOL_ERROR && reason.starts_with("DATA ") =>
+            {
+                Some("stream_protocol_error")
+            }
+            _ => None,
+        };
+        if let Some(kind) = violation {
+            m.inc(metrics::PROTOCOL_ERRORS, &[kind]);
+        }
         // Never opened: an agent RST is an open failure (§4); so is the hub's open timeout.
         let failure = match code {
             Some(c) if s.backend.is_none() && remote => Some(open_failure(c)),

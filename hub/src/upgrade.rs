@@ -1,16 +1,17 @@
 //! The agents' endpoint (wire-protocol.md §1, security.md): an accept thread, then one
 //! short-lived thread per connection for TLS + WebSocket upgrade + JWT under one 10 s deadline
-//! (at most [`MAX_HANDSHAKES`] at once), then the tunnel thread with a [`HubTunnel`] handler.
+//! (at most [`MAX_HANDSHAKES`] at once, [`MAX_HANDSHAKES_PER_SOURCE`] from one address), then
+//! the tunnel thread with a [`HubTunnel`] handler.
 //!
 //! Upgrade answers: 404 wrong path; 400 no `nowconnect.v1` subprotocol or a malformed
 //! request; 503 draining, at `max_tunnels`, or no JWKS loaded yet; 401 no token (bare
 //! `WWW-Authenticate: Bearer`) or a bad one (`Bearer error="invalid_token"`); 403 a valid token
 //! whose connector scope has nothing this hub serves.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
@@ -26,7 +27,51 @@ use crate::tunnel::{HubTunnel, Slot, TunnelEntry};
 
 /// Most handshakes (TLS + upgrade + JWT) in progress at once; more connections are dropped
 /// until some finish (security.md "Hardening").
-pub const MAX_HANDSHAKES: usize = 64;
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// Most handshakes in progress from one source address, so that one host trickling slow
+/// upgrades cannot take every place and lock real agents out for the handshake deadline.
+/// Generous for many agents behind one NAT: a real handshake takes milliseconds.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+
+/// Handshakes in progress, in all and per source address.
+#[derive(Default)]
+pub struct Handshakes(Mutex<(usize, HashMap<IpAddr, usize>)>);
+
+impl Handshakes {
+    /// Takes a place for `ip`, or says which limit is reached.
+    fn take(&self, ip: IpAddr) -> Result<(), &'static str> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (all, per) = &mut *g;
+        if *all >= MAX_HANDSHAKES {
+            return Err("handshakes in progress at the hub's limit");
+        }
+        let n = per.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return Err("handshakes in progress from this address at the limit");
+        }
+        *n += 1;
+        *all += 1;
+        Ok(())
+    }
+
+    fn give_back(&self, ip: IpAddr) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (all, per) = &mut *g;
+        *all = all.saturating_sub(1);
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
+        }
+    }
+
+    /// Handshakes in progress (all sources).
+    pub fn in_progress(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
 
 /// Stack of a handshake thread: rustls, tungstenite's header parser and the JWT check.
 const HANDSHAKE_STACK_SIZE: usize = 512 * 1024;
@@ -48,27 +93,23 @@ pub(crate) fn spawn(state: Arc<HubState>, listener: TcpListener) -> io::Result<J
 }
 
 /// Counts a handshake in progress while it lives.
-struct InProgress<'a>(&'a HubState);
+struct InProgress<'a>(&'a HubState, IpAddr);
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Ordering::AcqRel);
+        self.0.handshakes.give_back(self.1);
     }
 }
 
 fn on_connection(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
     let remote = canonical(remote);
-    let taken = state
-        .handshakes
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < MAX_HANDSHAKES).then_some(n + 1)
-        });
-    if taken.is_err() {
+    let ip = remote.ip();
+    if let Err(why) = state.handshakes.take(ip) {
         state.metrics.inc(
             metrics::TUNNEL_HANDSHAKES,
             &[Handshake::Overloaded.as_str()],
         );
-        log::debug!(remote:% = remote; "connection dropped: {MAX_HANDSHAKES} handshakes in progress");
+        log::debug!(remote:% = remote; "connection dropped: {why}");
         sockopt::abort(tcp);
         return;
     }
@@ -77,12 +118,12 @@ fn on_connection(state: &Arc<HubState>, tcp: TcpStream, remote: SocketAddr) {
         .name("nc-upgrade".into())
         .stack_size(HANDSHAKE_STACK_SIZE)
         .spawn(move || {
-            let _in_progress = InProgress(&state2);
+            let _in_progress = InProgress(&state2, ip);
             handshake(&state2, tcp, remote);
         });
     if let Err(e) = spawned {
         // The closure (and the socket) is gone; give the place back.
-        state.handshakes.fetch_sub(1, Ordering::AcqRel);
+        state.handshakes.give_back(ip);
         log::warn!(remote:% = remote; "connection dropped: cannot start a thread: {e}");
     }
 }
@@ -209,13 +250,57 @@ fn auth_rejection(e: &AuthError, remote: SocketAddr) -> Rejection {
             log::warn!(remote:% = remote, status = 401, reason = "missing_token"; "upgrade refused");
         }
         _ => {
-            // Display: reason, a detail built from enumerated values, kid/sub/jti.
-            log::warn!(remote:% = remote, status = 401; "upgrade refused: {e}");
+            // Display: reason, a detail built from enumerated values, kid/sub/jti; the same as
+            // fields (operations.md "Logs").
+            let none = crate::auth::TokenSummary::default();
+            let summary = e.summary().unwrap_or(&none);
+            log::warn!(
+                remote:% = remote,
+                status = 401,
+                reason = e.reason().map(|r| r.as_str()),
+                kid = summary.kid(),
+                sub = summary.sub(),
+                jti = summary.jti();
+                "upgrade refused: {e}"
+            );
         }
     }
     Rejection {
         status: e.status(),
         reason: e.body(),
         www_authenticate: e.www_authenticate().map(str::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod handshake_limits {
+    use super::*;
+
+    #[test]
+    fn one_source_cannot_take_every_place() {
+        let h = Handshakes::default();
+        let noisy: IpAddr = "192.0.2.1".parse().expect("ip");
+        for _ in 0..MAX_HANDSHAKES_PER_SOURCE {
+            h.take(noisy).expect("a place");
+        }
+        assert!(h.take(noisy).is_err(), "per-source limit");
+        // Another address still gets in; places come back when handshakes end.
+        let agent: IpAddr = "198.51.100.7".parse().expect("ip");
+        h.take(agent).expect("another source");
+        h.give_back(noisy);
+        h.take(noisy).expect("a freed place");
+        assert_eq!(h.in_progress(), MAX_HANDSHAKES_PER_SOURCE + 1);
+    }
+
+    #[test]
+    fn the_total_is_capped_across_sources() {
+        let h = Handshakes::default();
+        for i in 0..MAX_HANDSHAKES {
+            let ip = IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]);
+            h.take(ip).expect("a place");
+        }
+        assert!(h.take(IpAddr::from([10, 9, 9, 9])).is_err(), "total limit");
+        h.give_back(IpAddr::from([10, 0, 0, 0]));
+        h.take(IpAddr::from([10, 9, 9, 9])).expect("a freed place");
     }
 }

@@ -12,8 +12,12 @@
 //! | scratch space | [`temp_dir`] (`NOWCONNECT_KEEP_TEMP=1` keeps it) |
 //! | TLS | [`TestCa`], [`TlsFiles::localhost`] |
 //! | JWT / JWKS | [`JwtKey`], [`JwtKeys`] |
+//! | an HTTPS JWKS endpoint (IdP) to swap keys in and take down | [`idp::Idp`] |
 //! | servers | [`Slapd`], [`Sshd`], [`Postgres`], [`Tinyproxy`], [`HttpStub`] (plain or TLS) |
+//! | a policy decision point | [`pdp::FakePdp`] (programmable allow/deny/delay/hold/down, request log) |
 //! | hub + agent wired together | [`tunnel::Tunnel`] (configs, keys, token written; started and waited for) |
+//! | more agents on one hub | [`tunnel::Tunnel::extra_agent`] |
+//! | a hand-driven rogue agent or hub (raw frames, close codes) | [`rogue::RawPeer`], [`rogue::RogueHub`] |
 //!
 //! Fixture constructors panic with the server's log when it does not come up: they are for tests,
 //! where a panic with context is the most useful failure.
@@ -21,14 +25,19 @@
 mod bins;
 mod cmd;
 mod http;
+pub mod idp;
 mod jwt;
 mod ldap;
+pub mod pdp;
 mod ports;
 mod postgres;
 mod process;
+pub mod prom;
 mod proxy;
+pub mod rogue;
 mod ssh;
 mod tls;
+pub mod token_endpoint;
 pub mod tunnel;
 
 pub use bins::{bin_path, workspace_root};

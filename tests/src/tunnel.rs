@@ -100,6 +100,13 @@ pub struct TunnelBuilder {
     with_agent: bool,
     wait_ready: bool,
     log_filter: String,
+    hub_tunnels: Option<u32>,
+    env: Vec<(String, String)>,
+    /// `auth:` keys replacing (or, with `None`, removing) the fixture's defaults, in order.
+    hub_auth: Vec<(String, Option<String>)>,
+    hub_no_wait: bool,
+    /// Lines under the agent's `token:` instead of `file: token.jwt`.
+    agent_token: Option<Vec<String>>,
 }
 
 impl TunnelBuilder {
@@ -213,6 +220,57 @@ impl TunnelBuilder {
         self
     }
 
+    /// The agent's `hub.tunnels` (tunnels per hub URL; default: not written, i.e. 1). Extra
+    /// agents ([`Tunnel::extra_agent`]) use it too.
+    pub fn hub_tunnels(mut self, n: u32) -> Self {
+        self.hub_tunnels = Some(n);
+        self
+    }
+
+    /// Sets `key: value` under the hub's `auth:` (replacing the fixture's value of that key:
+    /// `algorithms`, `jwks_refresh`, `connectors_claim`, ...).
+    pub fn hub_auth(mut self, key: &str, value: &str) -> Self {
+        self.hub_auth.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Leaves `key` out of the hub's `auth:` section.
+    pub fn hub_auth_remove(mut self, key: &str) -> Self {
+        self.hub_auth.push((key.into(), None));
+        self
+    }
+
+    /// The hub fetches its JWKS from `url` (`auth.jwks_url`, e.g. [`crate::idp::Idp::url`])
+    /// trusting the CA certificates in `ca` (`auth.jwks_ca`) instead of reading `jwks.json`.
+    /// Tokens must then be signed by keys that IdP publishes (see [`Self::token`]).
+    pub fn jwks_url(self, url: &str, ca: &Path) -> Self {
+        self.hub_auth_remove("jwks_file")
+            .hub_auth("jwks_url", url)
+            .hub_auth("jwks_ca", &ca.display().to_string())
+    }
+
+    /// Do not wait for the hub's `/readyz` to be 200 when starting it (only for its admin and
+    /// tunnel listeners): for a hub that is expected not to be ready (JWKS not loadable yet).
+    pub fn hub_no_wait(mut self) -> Self {
+        self.hub_no_wait = true;
+        self
+    }
+
+    /// The lines of the agent's `token:` section (e.g. `"renew_at: 50%"`, or a
+    /// `client_credentials:` block, indented below `token:`), replacing `file: token.jwt`.
+    /// Without a `file:` line the token file is still written but not used.
+    pub fn agent_token(mut self, lines: &[&str]) -> Self {
+        self.agent_token = Some(lines.iter().map(|l| l.to_string()).collect());
+        self
+    }
+
+    /// An environment variable for both binaries (and [`Tunnel::extra_agent`]s), e.g.
+    /// `MALLOC_ARENA_MAX`.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// `NOWCONNECT_LOG` for both binaries (default `info`).
     pub fn log_filter(mut self, filter: &str) -> Self {
         self.log_filter = filter.into();
@@ -298,6 +356,15 @@ impl TunnelBuilder {
             dir: dir.clone(),
             hub_starts: 0,
             agent_starts: 0,
+            hub_no_wait: self.hub_no_wait,
+            env: self.env.clone(),
+            agent_template: AgentTemplate {
+                reconnect: self.reconnect.clone(),
+                health_check: self.health_check.clone(),
+                limits: self.agent_limits.clone(),
+                yaml: self.agent_yaml.clone(),
+                tunnels: self.hub_tunnels,
+            },
             _temp: temp,
         };
         tunnel.start_hub();
@@ -316,14 +383,30 @@ impl TunnelBuilder {
             Transport::Wss => y += "tls:\n  cert: server.pem\n  key: server.key\n",
             Transport::Ws => y += "plaintext: true\n",
         }
-        y += &format!(
-            "admin:\n  listen: {admin}\n\
-             auth:\n  issuer: {ISSUER}\n  audience: {AUDIENCE}\n  jwks_file: jwks.json\n  \
-             algorithms: [ES256, EdDSA]\n  agent_id_claim: sub\n  leeway: 30s\n\
-             connectors:\n"
-        );
+        let mut auth: Vec<(String, String)> = [
+            ("issuer", ISSUER),
+            ("audience", AUDIENCE),
+            ("jwks_file", "jwks.json"),
+            ("algorithms", "[ES256, EdDSA]"),
+            ("agent_id_claim", "sub"),
+            ("leeway", "30s"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (key, value) in &self.hub_auth {
+            auth.retain(|(k, _)| k != key);
+            if let Some(v) = value {
+                auth.push((key.clone(), v.clone()));
+            }
+        }
+        y += &format!("admin:\n  listen: {admin}\nauth:\n");
+        for (k, v) in &auth {
+            y += &format!("  {k}: {v}\n");
+        }
+        y += "connectors:\n";
         for c in &self.connectors {
-            y += &format!("  - name: {}\n    listen: {}\n", c.name, c.listen);
+            y += &format!("  - name: {}\n    listen: \"{}\"\n", c.name, c.listen);
             for line in &c.hub_extra {
                 y += &format!("    {line}\n");
             }
@@ -338,8 +421,20 @@ impl TunnelBuilder {
         if self.transport == Transport::Wss {
             y += "  ca_file: server-ca.pem\n";
         }
+        if let Some(n) = self.hub_tunnels {
+            y += &format!("  tunnels: {n}\n");
+        }
+        y += "token:\n";
+        match &self.agent_token {
+            Some(lines) => {
+                for line in lines {
+                    y += &format!("  {line}\n");
+                }
+            }
+            None => y += "  file: token.jwt\n",
+        }
         y += &format!(
-            "token:\n  file: token.jwt\nadmin:\n  listen: {admin}\n\
+            "admin:\n  listen: {admin}\n\
              reconnect:\n  initial: {}\n  max: {}\nconnectors:\n",
             self.reconnect.0, self.reconnect.1
         );
@@ -408,6 +503,10 @@ pub struct Tunnel {
     dir: PathBuf,
     hub_starts: u32,
     agent_starts: u32,
+    /// [`TunnelBuilder::hub_no_wait`].
+    hub_no_wait: bool,
+    agent_template: AgentTemplate,
+    env: Vec<(String, String)>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -432,6 +531,11 @@ impl Tunnel {
             with_agent: true,
             wait_ready: true,
             log_filter: "info".into(),
+            hub_tunnels: None,
+            env: Vec::new(),
+            hub_auth: Vec::new(),
+            hub_no_wait: false,
+            agent_token: None,
         }
     }
 
@@ -520,7 +624,8 @@ impl Tunnel {
         cmd.arg("--config")
             .arg(config)
             .current_dir(&self.dir)
-            .env("NOWCONNECT_LOG", &self.log_filter);
+            .env("NOWCONNECT_LOG", &self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         for var in SCRUBBED_ENV {
             cmd.env_remove(var);
         }
@@ -537,15 +642,17 @@ impl Tunnel {
         let mut hub = Proc::spawn(&name, cmd, &self.dir);
         hub.wait_for_port(self.hub_admin, START_TIMEOUT);
         let admin = self.hub_admin;
-        let ready = crate::wait_until(READY_TIMEOUT, || {
-            matches!(http_get(admin, "/readyz"), Ok((200, _))) || !hub.is_running()
-        });
-        let readyz = http_get(admin, "/readyz");
-        assert!(
-            ready && matches!(readyz, Ok((200, _))),
-            "hub not ready: /readyz {readyz:?}\n{}",
-            hub.log_tail()
-        );
+        if !self.hub_no_wait {
+            let ready = crate::wait_until(READY_TIMEOUT, || {
+                matches!(http_get(admin, "/readyz"), Ok((200, _))) || !hub.is_running()
+            });
+            let readyz = http_get(admin, "/readyz");
+            assert!(
+                ready && matches!(readyz, Ok((200, _))),
+                "hub not ready: /readyz {readyz:?}\n{}",
+                hub.log_tail()
+            );
+        }
         // Not Proc::wait_for_port: a bare connect would count as a bad upgrade in the metrics.
         let listen = self.hub_listen;
         assert!(
@@ -682,6 +789,406 @@ impl Tunnel {
         }
         None
     }
+}
+
+impl Tunnel {
+    /// Another agent against this tunnel's hub, with its own `agent_id` (and a fresh valid
+    /// token for it), admin port, connectors (`(name, targets)`) and `extra_yaml` (top-level
+    /// lines appended to its config). It shares the first agent's reconnect, health-check,
+    /// limits and `hub.tunnels` settings. Started at once; wait with [`ExtraAgent::wait_ready`].
+    /// Its files and log are `<agent_id>.yaml`, `<agent_id>.jwt`, `<agent_id>.log`.
+    pub fn extra_agent(
+        &self,
+        agent_id: &str,
+        connectors: &[(&str, &[String])],
+        extra_yaml: &str,
+    ) -> ExtraAgent {
+        let admin = free_addr();
+        let t = &self.agent_template;
+        let mut y = format!("agent_id: {agent_id}\nhub:\n  url: {}\n", self.hub_url);
+        if self.transport == Transport::Wss {
+            y += "  ca_file: server-ca.pem\n";
+        }
+        if let Some(n) = t.tunnels {
+            y += &format!("  tunnels: {n}\n");
+        }
+        y += &format!(
+            "token:\n  file: {agent_id}.jwt\nadmin:\n  listen: {admin}\n\
+             reconnect:\n  initial: {}\n  max: {}\nconnectors:\n",
+            t.reconnect.0, t.reconnect.1
+        );
+        for (name, targets) in connectors {
+            let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+            y += &format!(
+                "  - name: {name}\n    targets: [{}]\n    health_check:\n      interval: {}\n      \
+                 timeout: {}\n",
+                targets.join(", "),
+                t.health_check.0,
+                t.health_check.1
+            );
+        }
+        y += &limits_yaml(&t.limits);
+        y += &t.yaml;
+        y += extra_yaml;
+        let config = self.dir.join(format!("{agent_id}.yaml"));
+        crate::write_file(&config, y, 0o644);
+        crate::write_file(
+            &self.dir.join(format!("{agent_id}.jwt")),
+            self.valid_token(agent_id),
+            0o600,
+        );
+        let mut agent = ExtraAgent {
+            proc: None,
+            agent_id: agent_id.to_owned(),
+            admin,
+            hub_admin: self.hub_admin,
+            connectors: connectors.iter().map(|(n, _)| n.to_string()).collect(),
+            command: self.command("nowconnect-agent", &config),
+            dir: self.dir.clone(),
+            starts: 0,
+        };
+        agent.start();
+        agent
+    }
+}
+
+/// The agent settings [`Tunnel::extra_agent`] copies from the builder.
+struct AgentTemplate {
+    reconnect: (String, String),
+    health_check: (String, String),
+    limits: Vec<String>,
+    yaml: String,
+    tunnels: Option<u32>,
+}
+
+/// An additional agent process (see [`Tunnel::extra_agent`]). Dropping it stops the agent
+/// (declare it after its [`Tunnel`], so it is dropped first).
+pub struct ExtraAgent {
+    proc: Option<Proc>,
+    pub agent_id: String,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+    hub_admin: SocketAddr,
+    connectors: Vec<String>,
+    command: Command,
+    dir: PathBuf,
+    starts: u32,
+}
+
+impl ExtraAgent {
+    /// Starts the agent (again); its log is `<agent_id>.log`, then `<agent_id>-2.log`, ...
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "{} already running", self.agent_id);
+        self.starts += 1;
+        let name = numbered(&self.agent_id, self.starts);
+        let mut cmd = Command::new(self.command.get_program());
+        cmd.args(self.command.get_args());
+        if let Some(d) = self.command.get_current_dir() {
+            cmd.current_dir(d);
+        }
+        for (k, v) in self.command.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        self.proc = Some(Proc::spawn(&name, cmd, &self.dir));
+    }
+
+    /// The running process. Panics when it is not running under this fixture.
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("extra agent not started")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("extra agent not started").pid()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM (graceful drain), waits for the exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.take().map(|mut p| p.stop())
+    }
+
+    /// The current process's log (empty when none runs).
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.proc.as_ref().map(Proc::log_tail).unwrap_or_default()
+    }
+
+    /// `GET /metrics` of its admin listener.
+    pub fn metrics(&self) -> String {
+        get_ok(self.admin, "/metrics")
+    }
+
+    /// Waits until its `/readyz` is 200 and the hub has at least one session of this agent
+    /// (`nowconnect_agents_connected{agent_id}`) with every connector available.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let mut last = String::new();
+        let ok = crate::wait_until(timeout, || {
+            if !self.proc.as_mut().is_some_and(Proc::is_running) {
+                last = "agent not running".into();
+                return true;
+            }
+            if !matches!(http_get(self.admin, "/readyz"), Ok((200, _))) {
+                last = "agent /readyz not 200".into();
+                return false;
+            }
+            let Ok((200, m)) = http_get(self.hub_admin, "/metrics") else {
+                last = "hub /metrics failed".into();
+                return false;
+            };
+            let connected = metric(
+                &m,
+                "nowconnect_agents_connected",
+                &[("agent_id", &self.agent_id)],
+            )
+            .is_some_and(|n| n >= 1.0);
+            let available = self.connectors.iter().all(|c| {
+                metric(&m, "nowconnect_connector_available", &[("connector", c)]) == Some(1.0)
+            });
+            last = format!("hub: connected {connected}, connectors available {available}");
+            connected && available
+        });
+        let running = self.proc.as_mut().is_some_and(Proc::is_running);
+        assert!(
+            ok && running,
+            "{} not ready after {timeout:?} ({last})\n{}",
+            self.agent_id,
+            self.log_tail()
+        );
+    }
+}
+
+/// The JSON log lines of a binary's log (other lines are skipped).
+pub fn log_records(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Milliseconds since midnight UTC of a log record's `ts` (`2026-11-29T08:40:01.123Z`).
+pub fn log_ts_millis(record: &Value) -> Option<u64> {
+    let ts = record.get("ts")?.as_str()?;
+    let time = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: u64 = parts.next()?.parse().ok()?;
+    let m: u64 = parts.next()?.parse().ok()?;
+    let sec: f64 = parts.next()?.parse().ok()?;
+    Some((h * 3600 + m * 60) * 1000 + (sec * 1000.0).round() as u64)
+}
+
+/// A `/proc/<pid>/status` field's first number (`Threads`, `VmRSS` in KiB, ...).
+pub fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let prefix = format!("{field}:");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Number of threads of process `pid`.
+pub fn thread_count(pid: u32) -> Option<u64> {
+    proc_status(pid, "Threads")
+}
+
+/// Number of open file descriptors of process `pid` (entries of `/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> Option<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count() as u64)
+}
+
+impl Drop for ExtraAgent {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+    }
+}
+
+impl Tunnel {
+    /// Another agent started from `yaml` (a complete `agent.yaml`, written as `<name>.yaml` in
+    /// the tunnel's directory, so relative names such as `server-ca.pem` resolve), with a fresh
+    /// valid token for `agent_id` in `<name>.jwt` (point `token.file` at it) and `env` added to
+    /// the scrubbed environment (e.g. `HTTPS_PROXY`, `NO_PROXY`). `admin` must be the config's
+    /// `admin.listen`; `connectors` are the names [`ExtraAgent::wait_ready`] waits for. Its log
+    /// is `<name>.log`.
+    pub fn custom_agent(
+        &self,
+        name: &str,
+        agent_id: &str,
+        yaml: &str,
+        admin: SocketAddr,
+        connectors: &[&str],
+        env: &[(&str, &str)],
+    ) -> ExtraAgent {
+        let config = self.dir.join(format!("{name}.yaml"));
+        crate::write_file(&config, yaml, 0o644);
+        crate::write_file(
+            &self.dir.join(format!("{name}.jwt")),
+            self.valid_token(agent_id),
+            0o600,
+        );
+        let mut command = self.command("nowconnect-agent", &config);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut agent = ExtraAgent {
+            proc: None,
+            agent_id: name.to_owned(),
+            admin,
+            hub_admin: self.hub_admin,
+            connectors: connectors.iter().map(|c| c.to_string()).collect(),
+            command,
+            dir: self.dir.clone(),
+            starts: 0,
+        };
+        agent.start();
+        agent.agent_id = agent_id.to_owned();
+        agent
+    }
+
+    /// A second hub with this hub's configuration (same JWKS, TLS certificate, connectors and
+    /// limits) on fresh ports for its tunnel listener, admin listener and connector listeners;
+    /// written as `<name>.yaml`, logging to `<name>.log`. Started and waited for (`/readyz`).
+    pub fn second_hub(&self, name: &str) -> ExtraHub {
+        let mut yaml = std::fs::read_to_string(&self.hub_config).expect("read hub.yaml");
+        let listen = free_addr();
+        let admin = free_addr();
+        // Every address in hub.yaml is a distinct 127.0.0.1:<port> of this fixture.
+        yaml = yaml.replace(&self.hub_listen.to_string(), &listen.to_string());
+        yaml = yaml.replace(&self.hub_admin.to_string(), &admin.to_string());
+        let mut connectors = Vec::new();
+        for (c, addr) in &self.connectors {
+            let new = free_addr();
+            yaml = yaml.replace(&addr.to_string(), &new.to_string());
+            connectors.push((c.clone(), new));
+        }
+        let config = self.dir.join(format!("{name}.yaml"));
+        crate::write_file(&config, &yaml, 0o644);
+        let url = format!(
+            "{}://127.0.0.1:{}{TUNNEL_PATH}",
+            self.transport.scheme(),
+            listen.port()
+        );
+        let mut hub = ExtraHub {
+            proc: None,
+            name: name.to_owned(),
+            listen,
+            admin,
+            url,
+            connectors,
+            command: self.command("nowconnect-hub", &config),
+            dir: self.dir.clone(),
+        };
+        hub.start();
+        hub
+    }
+}
+
+/// An additional hub process (see [`Tunnel::second_hub`]). Dropping it stops the hub (declare it
+/// after its [`Tunnel`] and before the agents using it).
+pub struct ExtraHub {
+    proc: Option<Proc>,
+    name: String,
+    /// Its tunnel listener.
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// `ws://127.0.0.1:<port>/v1/tunnel` or `wss://...`.
+    pub url: String,
+    connectors: Vec<(String, SocketAddr)>,
+    command: Command,
+    dir: PathBuf,
+}
+
+impl ExtraHub {
+    /// Starts the hub (it must not be running) and waits for its `/readyz` and listener.
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "{} already running", self.name);
+        let mut hub = Proc::spawn(&self.name, copy_command(&self.command), &self.dir);
+        hub.wait_for_port(self.admin, START_TIMEOUT);
+        let admin = self.admin;
+        let ready = crate::wait_until(READY_TIMEOUT, || {
+            matches!(http_get(admin, "/readyz"), Ok((200, _))) || !hub.is_running()
+        });
+        let listen = self.listen;
+        assert!(
+            ready && crate::wait_until(START_TIMEOUT, || is_listening(listen)),
+            "{} not ready\n{}",
+            self.name,
+            hub.log_tail()
+        );
+        self.proc = Some(hub);
+    }
+
+    /// Its listener for connector `name`. Panics on an unknown name.
+    pub fn connector(&self, name: &str) -> SocketAddr {
+        self.connectors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no connector {name:?} on {}", self.name))
+    }
+
+    /// The running process. Panics when it is not running under this fixture.
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("extra hub not started")
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM (graceful drain), waits for the exit.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.take().map(|mut p| p.stop())
+    }
+
+    /// The current process's log tail (empty when none runs).
+    pub fn log_tail(&self) -> String {
+        self.proc.as_ref().map(Proc::log_tail).unwrap_or_default()
+    }
+
+    /// `GET /metrics` of its admin listener.
+    pub fn metrics(&self) -> String {
+        get_ok(self.admin, "/metrics")
+    }
+}
+
+impl Drop for ExtraHub {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+    }
+}
+
+/// A copy of `command` (program, arguments, directory, environment changes).
+fn copy_command(command: &Command) -> Command {
+    let mut cmd = Command::new(command.get_program());
+    cmd.args(command.get_args());
+    if let Some(d) = command.get_current_dir() {
+        cmd.current_dir(d);
+    }
+    for (k, v) in command.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd
 }
 
 impl Drop for Tunnel {
