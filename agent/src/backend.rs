@@ -43,6 +43,20 @@ pub struct ConnectFailure {
     pub code: Code,
     /// Human-readable last error (no secrets: addresses only).
     pub detail: String,
+    /// Targets this attempt marked down (see [`Connected::marked_down`]).
+    pub marked_down: Vec<(String, String)>,
+}
+
+/// A stream's target connection.
+#[derive(Debug)]
+pub struct Connected {
+    /// The connected socket.
+    pub stream: TcpStream,
+    /// The target as configured.
+    pub backend: String,
+    /// Healthy targets that failed this connect and are now skipped until their next passing
+    /// check (`(target, error)`), so later streams do not wait on them too.
+    pub marked_down: Vec<(String, String)>,
 }
 
 fn code_of(e: &io::Error) -> Code {
@@ -111,15 +125,31 @@ impl Backends {
     }
 
     /// Connects a stream: tries targets in `attempt_order`, falling through on failure.
-    pub fn connect(&self) -> Result<(TcpStream, String), ConnectFailure> {
+    ///
+    /// A healthy target that fails is marked down at once (until its next passing check) while
+    /// another target is still healthy: a dead backend whose connects time out then costs one
+    /// `connect_timeout` to the streams already trying it, not to every stream until the next
+    /// health check. The last healthy target is never marked down this way, so the connector's
+    /// health (and what HEALTH tells the hub) changes only with the checks.
+    pub fn connect(&self) -> Result<Connected, ConnectFailure> {
         let (order, any_healthy) = self.attempt_order();
         let mut last: Option<(Code, String)> = None;
+        let mut marked_down = Vec::new();
         for i in order {
             let t = &self.targets[i];
             match connect_target(t, self.connect_timeout) {
-                Ok(s) => return Ok((s, t.clone())),
+                Ok(stream) => {
+                    return Ok(Connected {
+                        stream,
+                        backend: t.clone(),
+                        marked_down,
+                    })
+                }
                 Err(e) => {
                     let code = code_of(&e);
+                    if any_healthy && self.mark_down(i, &e.to_string()) {
+                        marked_down.push((t.clone(), e.to_string()));
+                    }
                     last = Some((code, format!("{t}: {e}")));
                 }
             }
@@ -132,7 +162,29 @@ impl Backends {
                 Code::NO_HEALTHY_BACKEND
             },
             detail,
+            marked_down,
         })
+    }
+
+    /// Marks target `i` down after a failed stream connect, unless it is already down or no
+    /// other target is healthy. Returns whether it did.
+    fn mark_down(&self, i: usize, error: &str) -> bool {
+        let mut h = self.health();
+        let others_healthy = h
+            .iter()
+            .enumerate()
+            .any(|(j, b)| j != i && b.ok == Some(true));
+        match h.get_mut(i) {
+            Some(b) if b.ok == Some(true) && others_healthy => {
+                *b = Health {
+                    ok: Some(false),
+                    rtt_ms: None,
+                    error: Some(format!("stream connect failed: {error}")),
+                };
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Runs one TCP health check of every target (`timeout` each); returns whether any
@@ -206,8 +258,9 @@ mod tests {
             Duration::from_secs(1),
         );
         // Unchecked: nothing marked healthy, every target is tried once.
-        let (_, backend) = b.connect().expect("falls through");
-        assert_eq!(backend, live_addr);
+        let c = b.connect().expect("falls through");
+        assert_eq!(c.backend, live_addr);
+        assert!(c.marked_down.is_empty(), "nothing was healthy to mark down");
         assert!(b.check_all(Duration::from_secs(1)));
         let r = b.report();
         assert!(r.healthy);
@@ -237,6 +290,47 @@ mod tests {
         drop(live);
         let e = b.connect().expect_err("listener gone");
         assert_eq!(e.code, Code::CONNECT_REFUSED);
+    }
+
+    #[test]
+    fn a_healthy_target_that_fails_is_skipped_until_its_next_check() {
+        let first = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let first_addr = first.local_addr().expect("addr").to_string();
+        let second = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let second_addr = second.local_addr().expect("addr").to_string();
+        let b = Backends::new(
+            vec![first_addr.clone(), second_addr.clone()],
+            Balance::Failover,
+            Duration::from_secs(1),
+        );
+        b.check_all(Duration::from_secs(1));
+        assert_eq!(b.attempt_order(), (vec![0, 1], true));
+        drop(first);
+        let c = b.connect().expect("falls through to the second");
+        assert_eq!(c.backend, second_addr);
+        assert_eq!(c.marked_down.len(), 1);
+        assert_eq!(c.marked_down[0].0, first_addr);
+        // Later streams go straight to the second; the connector stays healthy.
+        assert_eq!(b.attempt_order(), (vec![1], true));
+        let r = b.report();
+        assert!(r.healthy && !r.backends[0].ok && r.backends[1].ok);
+        assert!(r.backends[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("stream connect failed")));
+        // The next check decides again: still down.
+        assert!(!b.check_all(Duration::from_secs(1)));
+        assert_eq!(b.attempt_order(), (vec![1], true));
+
+        // The last healthy target is never marked down by a stream.
+        drop(second);
+        let e = b.connect().expect_err("nothing listens");
+        assert_eq!(e.code, Code::CONNECT_REFUSED);
+        assert!(e.marked_down.is_empty());
+        assert!(
+            b.report().healthy,
+            "only a check may make the connector unhealthy"
+        );
     }
 
     #[test]

@@ -135,15 +135,31 @@ pub fn connect_stream(shared: Arc<Shared>, connector: Arc<Connector>, req: OpenR
     let start = Instant::now();
     let cid = req.cid;
     let name = connector.name();
-    match connector.backends.connect() {
-        Ok((target, backend)) => {
+    let result = connector.backends.connect();
+    let marked_down = match &result {
+        Ok(c) => &c.marked_down,
+        Err(f) => &f.marked_down,
+    };
+    for (backend, error) in marked_down {
+        shared
+            .metrics
+            .set(metrics::BACKEND_UP, &[name, backend.as_str()], 0.0);
+        log::warn!(
+            connector = name,
+            backend = backend.as_str(),
+            reason = error.as_str();
+            "backend down: a stream could not connect; skipped until it passes a health check"
+        );
+    }
+    match result {
+        Ok(c) => {
             shared.metrics.observe(
                 metrics::BACKEND_CONNECT_DURATION,
                 &[name],
                 start.elapsed().as_secs_f64(),
             );
-            log::debug!(connector = name, cid = cid, client = req.peer.as_str(), backend = backend.as_str(); "stream open");
-            req.accept(target, &backend);
+            log::debug!(connector = name, cid = cid, client = req.peer.as_str(), backend = c.backend.as_str(); "stream open");
+            req.accept(c.stream, &c.backend);
         }
         Err(failure) => {
             connector.note_error(&failure.detail);

@@ -61,6 +61,11 @@ pub struct Slapd {
     /// The CA that verifies the LDAPS certificate, when TLS is on.
     pub ca: Option<PathBuf>,
     pub proc: Proc,
+    /// `slapd.conf`, the `-h` URLs and the log directory, for [`Slapd::restart`].
+    conf_path: PathBuf,
+    urls: String,
+    log_dir: PathBuf,
+    starts: u32,
 }
 
 impl Slapd {
@@ -113,22 +118,38 @@ impl Slapd {
         if let Some(a) = ldaps {
             urls += &format!(" ldaps://127.0.0.1:{}/", a.port());
         }
-        let mut cmd = Command::new(slap_tool("slapd"));
-        // -d keeps slapd in the foreground; 256 = "stats" (connections, operations, results).
-        cmd.args(["-d", "256", "-h", &urls])
-            .arg("-f")
-            .arg(&conf_path);
-        let mut proc = Proc::spawn("slapd", cmd, dir);
-        proc.wait_for_port(ldap, START_TIMEOUT);
-        if let Some(a) = ldaps {
-            proc.wait_for_port(a, START_TIMEOUT);
-        }
+        let proc = spawn_slapd("slapd", &urls, &conf_path, dir, ldap, ldaps);
         Slapd {
             ldap,
             ldaps,
             ca: tls.map(|t| t.ca.clone()),
             proc,
+            conf_path,
+            urls,
+            log_dir: dir.to_path_buf(),
+            starts: 1,
         }
+    }
+
+    /// Stops slapd (SIGTERM, then SIGKILL after 5 s); its ports stop accepting.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Starts slapd again on the same ports and database (after [`Slapd::stop`]) and waits
+    /// until it accepts. The log of start `n` is `slapd-<n>.log`.
+    pub fn restart(&mut self) {
+        assert!(!self.proc.is_running(), "slapd still running");
+        self.starts += 1;
+        let name = format!("slapd-{}", self.starts);
+        self.proc = spawn_slapd(
+            &name,
+            &self.urls,
+            &self.conf_path,
+            &self.log_dir,
+            self.ldap,
+            self.ldaps,
+        );
     }
 
     pub fn ldap_url(&self) -> String {
@@ -145,6 +166,25 @@ impl Slapd {
     pub fn search(&self, filter: &str) -> CmdOutput {
         ldapsearch(&self.ldap_url(), None, filter)
     }
+}
+
+fn spawn_slapd(
+    name: &str,
+    urls: &str,
+    conf_path: &Path,
+    log_dir: &Path,
+    ldap: SocketAddr,
+    ldaps: Option<SocketAddr>,
+) -> Proc {
+    let mut cmd = Command::new(slap_tool("slapd"));
+    // -d keeps slapd in the foreground; 256 = "stats" (connections, operations, results).
+    cmd.args(["-d", "256", "-h", urls]).arg("-f").arg(conf_path);
+    let mut proc = Proc::spawn(name, cmd, log_dir);
+    proc.wait_for_port(ldap, START_TIMEOUT);
+    if let Some(a) = ldaps {
+        proc.wait_for_port(a, START_TIMEOUT);
+    }
+    proc
 }
 
 /// `ldapsearch -x` bound as [`LDAP_BIND_DN`] under [`LDAP_BASE_DN`] at `url` (ldap:// or
