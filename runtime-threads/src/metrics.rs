@@ -255,14 +255,20 @@ pub fn render_process() -> String {
             .and_then(|v| v.parse().ok())
     };
     if let Some(kb) = field("VmRSS:") {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory in bytes"
+        );
         let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
         let _ = writeln!(out, "process_resident_memory_bytes {}", kb * 1024);
     }
     if let Some(n) = field("Threads:") {
+        let _ = writeln!(out, "# HELP process_threads Number of OS threads");
         let _ = writeln!(out, "# TYPE process_threads gauge");
         let _ = writeln!(out, "process_threads {n}");
     }
     if let Ok(rd) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(out, "# HELP process_open_fds Open file descriptors");
         let _ = writeln!(out, "# TYPE process_open_fds gauge");
         let _ = writeln!(out, "process_open_fds {}", rd.count());
     }
