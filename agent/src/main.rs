@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use nowconnect_agent::cli::{self, Start};
 
+/// Static musl builds (scripts/build-static.sh) use mimalloc: musl's malloc is 2-3x slower for
+/// the thread-per-socket design.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cfg = match cli::start() {
         Start::Run(cfg) => cfg,
