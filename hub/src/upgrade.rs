@@ -68,7 +68,8 @@ impl Handshakes {
     }
 
     /// Handshakes in progress (all sources).
-    pub fn in_progress(&self) -> usize {
+    #[cfg(test)]
+    fn in_progress(&self) -> usize {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 }
