@@ -8,6 +8,11 @@
 //!   its own: the session emits DATA only within the receive window this side granted, and
 //!   credit comes back only after the bytes left the inbox (release), so it never holds more
 //!   than one window.
+//! - Fast path: while the socket thread has nothing queued to write, the tunnel thread writes
+//!   received DATA to the (nonblocking) socket itself, under the inbox lock, and releases the
+//!   credit at once — no wake-up, no hand-off, no release command. Whatever the socket does not
+//!   take goes to the inbox as before. The socket thread marks the inbox `writing` while it
+//!   holds unwritten bytes, so the two never interleave.
 //! - socket → tunnel: [`StreamCommand`]s on the bounded queue, plus a wake.
 
 use std::collections::VecDeque;
@@ -57,6 +62,11 @@ struct Inbox {
     finished: bool,
     /// RST (either side) or session death: close abortively now.
     reset: bool,
+    /// The socket, once its thread made it nonblocking and until that thread ends: the tunnel
+    /// thread may write to it while holding the lock.
+    socket: Option<Arc<TcpStream>>,
+    /// The socket thread holds received bytes it has not written yet.
+    writing: bool,
 }
 
 /// State shared between the tunnel thread and one socket thread.
@@ -86,10 +96,32 @@ impl StreamLink {
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Tunnel thread: DATA for the local socket.
-    pub fn deliver(&self, data: Vec<u8>) {
-        self.inbox().data.push_back(data);
+    /// Tunnel thread: DATA for the local socket. Writes what the socket takes right away if
+    /// nothing is queued before it, and returns that many bytes (to release at once); the rest
+    /// goes to the socket thread.
+    pub fn deliver(&self, mut data: Vec<u8>) -> usize {
+        let mut inbox = self.inbox();
+        let mut written = 0;
+        if inbox.data.is_empty() && !inbox.writing && !inbox.reset && !inbox.finished {
+            if let Some(socket) = &inbox.socket {
+                while written < data.len() {
+                    match (&**socket).write(&data[written..]) {
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // WouldBlock, or an error the socket thread reports on its own write.
+                        Err(_) => break,
+                    }
+                }
+                if written == data.len() {
+                    return written;
+                }
+                data.drain(..written);
+            }
+        }
+        inbox.data.push_back(data);
+        drop(inbox);
         self.waker.wake();
+        written
     }
 
     /// Tunnel thread: peer FIN — shut the socket's write half after the data.
@@ -124,7 +156,7 @@ enum Exit {
 /// A socket thread's state.
 struct SocketThread {
     link: Arc<StreamLink>,
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     port: TunnelPort,
     /// Received DATA not yet written to the socket; `written` bytes of the front are.
     out: VecDeque<Vec<u8>>,
@@ -138,6 +170,10 @@ struct SocketThread {
     /// The socket reported HUP while we wanted neither direction: leave it out of poll until
     /// we do, or poll would return at once forever.
     hung_up: bool,
+    /// This thread set the inbox's `writing` flag.
+    writing: bool,
+    /// The last poll saw the waker readable.
+    woken: bool,
 }
 
 /// Run a stream's socket thread on the current thread until both directions are done or the
@@ -157,6 +193,8 @@ pub(crate) fn run(link: Arc<StreamLink>, socket: TcpStream, port: TunnelPort) {
         sockopt::abort(socket);
         return;
     }
+    let socket = Arc::new(socket);
+    link.inbox().socket = Some(socket.clone());
     let mut t = SocketThread {
         link,
         socket,
@@ -168,17 +206,26 @@ pub(crate) fn run(link: Arc<StreamLink>, socket: TcpStream, port: TunnelPort) {
         read_closed: false,
         read_size: MIN_READ,
         hung_up: false,
+        writing: false,
+        woken: true,
     };
-    match t.run() {
+    let exit = t.run();
+    // The tunnel thread no longer touches the socket; ours is then the last reference, so
+    // dropping it closes the socket now.
+    t.link.inbox().socket = None;
+    let SocketThread { socket, .. } = t;
+    match exit {
         Exit::Done => log::trace!("stream {cid}: socket thread done"),
-        Exit::Abort => sockopt::abort(t.socket),
+        Exit::Abort => sockopt::set_abortive_close(&socket),
     }
+    drop(socket);
 }
 
 impl SocketThread {
     fn run(&mut self) -> Exit {
         loop {
-            self.link.waker.reset();
+            self.link.waker.reset_after_poll(self.woken);
+            self.woken = false;
             {
                 let mut inbox = self.link.inbox();
                 if inbox.reset {
@@ -186,6 +233,10 @@ impl SocketThread {
                 }
                 self.out.append(&mut inbox.data);
                 self.peer_finished |= inbox.finished;
+                if !self.out.is_empty() {
+                    inbox.writing = true;
+                    self.writing = true;
+                }
             }
             if let Err(exit) = self.write_out() {
                 return exit;
@@ -231,7 +282,7 @@ impl SocketThread {
         let mut released = 0;
         let mut failure = None;
         while let Some(front) = self.out.front() {
-            match (&self.socket).write(&front[self.written..]) {
+            match (&*self.socket).write(&front[self.written..]) {
                 Ok(n) => {
                     released += n;
                     self.written += n;
@@ -250,6 +301,15 @@ impl SocketThread {
         }
         if let Some(e) = failure {
             return Err(self.local_failure(&e));
+        }
+        if self.writing && self.out.is_empty() {
+            // Caught up: the tunnel thread may write directly again (unless more arrived,
+            // which the next turn takes).
+            let mut inbox = self.link.inbox();
+            if inbox.data.is_empty() {
+                inbox.writing = false;
+                self.writing = false;
+            }
         }
         if released > 0 {
             // No `?`: after a clean close the tunnel may be gone (drained, closed 1000) while
@@ -284,7 +344,7 @@ impl SocketThread {
             // Sized to what this stream has been reading lately, so an interactive stream does
             // not allocate (and zero) 64 KiB per keystroke; the Vec moves on without a copy.
             let mut buf = vec![0u8; want];
-            match (&self.socket).read(&mut buf) {
+            match (&*self.socket).read(&mut buf) {
                 Ok(0) => {
                     self.read_closed = true;
                     self.send(StreamCommand::Finish { cid })?;
@@ -325,7 +385,7 @@ impl SocketThread {
             self.hung_up = false;
         }
         let waker = PollFd::new(&self.link.waker, PollFlags::IN);
-        let mut fds = [waker, PollFd::new(&self.socket, interest)];
+        let mut fds = [waker, PollFd::new(&*self.socket, interest)];
         // Without interest the socket is still polled, for errors: a client that resets while
         // its stream waits for credit is noticed now, not when credit returns.
         let n = if self.hung_up { 1 } else { 2 };
@@ -336,6 +396,7 @@ impl SocketThread {
                 return Err(self.local_failure(&e.into()));
             }
         }
+        self.woken = !fds[0].revents().is_empty();
         if n == 2 {
             let revents = fds[1].revents();
             if revents.contains(PollFlags::ERR) {

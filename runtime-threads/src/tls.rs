@@ -201,9 +201,23 @@ impl Write for TlsStream {
     }
 }
 
-/// The stream under a tunnel's WebSocket.
+/// The stream under a tunnel's WebSocket, plus the tunnel's own outgoing WebSocket frames.
+///
+/// The tunnel thread frames DATA messages itself ([`queue_frames`](Self::queue_frames)) and
+/// hands the whole buffer over without a copy; tungstenite writes only its own frames (Close,
+/// pongs). Both go through this type in order: a tungstenite write first drains the queued
+/// frames (else `WouldBlock`), and frames are only queued while tungstenite has nothing
+/// buffered, so the byte stream always holds whole frames in the order they were made.
 #[derive(Debug)]
-pub enum Transport {
+pub struct Transport {
+    io: Io,
+    /// Queued outgoing bytes (whole WebSocket frames); `out[out_pos..]` is not written yet.
+    out: Vec<u8>,
+    out_pos: usize,
+}
+
+#[derive(Debug)]
+enum Io {
     /// `ws://`: only behind a TLS-terminating load balancer or in tests (wire-protocol.md §1).
     Plain(PlainStream),
     /// `wss://`.
@@ -216,16 +230,28 @@ pub struct PlainStream {
     wire: Wire,
 }
 
+/// Plaintext rustls may hold encrypted and unsent before `write` says `WouldBlock`: 16
+/// records, written with one vectored syscall.
+const TLS_BUFFER_LIMIT: usize = 256 * 1024;
+
 impl Transport {
+    fn new(io: Io) -> Transport {
+        Transport {
+            io,
+            out: Vec::new(),
+            out_pos: 0,
+        }
+    }
+
     /// Plain TCP; blocking with `deadline` until [`set_nonblocking`](Self::set_nonblocking).
     pub fn plain(tcp: TcpStream, deadline: Instant) -> io::Result<Transport> {
         tcp.set_nonblocking(false)?;
-        Ok(Transport::Plain(PlainStream {
+        Ok(Transport::new(Io::Plain(PlainStream {
             wire: Wire {
                 tcp,
                 deadline: Some(deadline),
             },
-        }))
+        })))
     }
 
     /// TLS client handshake on `tcp`, then the transport (still blocking with `deadline`).
@@ -235,7 +261,8 @@ impl Transport {
         tcp: TcpStream,
         deadline: Instant,
     ) -> io::Result<Transport> {
-        TlsStream::connect(config, server_name, tcp, deadline).map(|s| Transport::Tls(Box::new(s)))
+        TlsStream::connect(config, server_name, tcp, deadline)
+            .map(|s| Transport::new(Io::Tls(Box::new(s))))
     }
 
     /// TLS server handshake on an accepted `tcp`, then the transport (blocking with `deadline`).
@@ -244,20 +271,20 @@ impl Transport {
         tcp: TcpStream,
         deadline: Instant,
     ) -> io::Result<Transport> {
-        TlsStream::accept(config, tcp, deadline).map(|s| Transport::Tls(Box::new(s)))
+        TlsStream::accept(config, tcp, deadline).map(|s| Transport::new(Io::Tls(Box::new(s))))
     }
 
     fn wire(&self) -> &Wire {
-        match self {
-            Transport::Plain(p) => &p.wire,
-            Transport::Tls(t) => &t.wire,
+        match &self.io {
+            Io::Plain(p) => &p.wire,
+            Io::Tls(t) => &t.wire,
         }
     }
 
     fn wire_mut(&mut self) -> &mut Wire {
-        match self {
-            Transport::Plain(p) => &mut p.wire,
-            Transport::Tls(t) => &mut t.wire,
+        match &mut self.io {
+            Io::Plain(p) => &mut p.wire,
+            Io::Tls(t) => &mut t.wire,
         }
     }
 
@@ -266,9 +293,20 @@ impl Transport {
         &self.wire().tcp
     }
 
+    /// The TLS session, for `wss://`.
+    pub fn tls(&self) -> Option<&TlsStream> {
+        match &self.io {
+            Io::Plain(_) => None,
+            Io::Tls(t) => Some(t),
+        }
+    }
+
     /// Leave handshake mode: no deadline, no socket timeouts, nonblocking I/O for the
     /// tunnel thread's poll loop.
     pub fn set_nonblocking(&mut self) -> io::Result<()> {
+        if let Io::Tls(t) = &mut self.io {
+            t.conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+        }
         let wire = self.wire_mut();
         wire.deadline = None;
         wire.tcp.set_read_timeout(None)?;
@@ -281,20 +319,60 @@ impl Transport {
         self.wire_mut().deadline = deadline;
     }
 
-    /// Bytes are buffered below the socket (encrypted records not yet written).
+    /// Bytes are buffered below the WebSocket (queued frames or encrypted records not yet
+    /// written).
     pub fn wants_write(&self) -> bool {
-        match self {
-            Transport::Plain(_) => false,
-            Transport::Tls(t) => t.conn.wants_write(),
+        self.out_pos < self.out.len()
+            || match &self.io {
+                Io::Plain(_) => false,
+                Io::Tls(t) => t.conn.wants_write(),
+            }
+    }
+
+    /// Queue whole WebSocket frames `frames[start..]` behind anything queued before. When
+    /// nothing is queued the buffer is taken as is and `frames` gets the previous (empty)
+    /// allocation back, so the caller's buffer is reused without a copy.
+    pub fn queue_frames(&mut self, frames: &mut Vec<u8>, start: usize) {
+        if self.out_pos >= self.out.len() {
+            self.out.clear();
+            std::mem::swap(&mut self.out, frames);
+            self.out_pos = start;
+        } else {
+            self.out.extend_from_slice(&frames[start..]);
+        }
+        frames.clear();
+    }
+
+    /// Write queued frames until done (`Ok`) or the socket or rustls is full (`WouldBlock`).
+    pub fn push_frames(&mut self) -> io::Result<()> {
+        while self.out_pos < self.out.len() {
+            let r = match &mut self.io {
+                Io::Plain(p) => p.wire.write(&self.out[self.out_pos..]),
+                Io::Tls(t) => t.write(&self.out[self.out_pos..]),
+            };
+            match r {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        match &mut self.io {
+            Io::Plain(_) => Ok(()),
+            // The last records rustls made from them.
+            Io::Tls(t) => t.flush(),
         }
     }
 
     /// Queue TLS close_notify (after the WebSocket Close, so the peer sees a clean end) and
     /// try to send it; `WouldBlock` if it still has to be flushed.
     pub fn close_notify(&mut self) -> io::Result<()> {
-        match self {
-            Transport::Plain(_) => Ok(()),
-            Transport::Tls(t) => {
+        self.push_frames()?;
+        match &mut self.io {
+            Io::Plain(_) => Ok(()),
+            Io::Tls(t) => {
                 t.conn.send_close_notify();
                 t.flush()
             }
@@ -310,25 +388,30 @@ impl Transport {
 
 impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(p) => p.wire.read(buf),
-            Transport::Tls(t) => t.read(buf),
+        match &mut self.io {
+            Io::Plain(p) => p.wire.read(buf),
+            Io::Tls(t) => t.read(buf),
         }
     }
 }
 
 impl Write for Transport {
+    /// tungstenite's own frames: only after every queued frame is out.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(p) => p.wire.write(buf),
-            Transport::Tls(t) => t.write(buf),
+        if self.out_pos < self.out.len() {
+            self.push_frames()?;
+        }
+        match &mut self.io {
+            Io::Plain(p) => p.wire.write(buf),
+            Io::Tls(t) => t.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Transport::Plain(_) => Ok(()),
-            Transport::Tls(t) => t.flush(),
+        self.push_frames()?;
+        match &mut self.io {
+            Io::Plain(_) => Ok(()),
+            Io::Tls(t) => t.flush(),
         }
     }
 }

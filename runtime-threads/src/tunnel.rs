@@ -20,7 +20,7 @@ use nowconnect_core::frame::truncate_utf8;
 use nowconnect_core::{close, Event, Instant, Session};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::{Bytes, Message};
+use tungstenite::Message;
 
 use crate::clock;
 use crate::command::{Control, StreamCommand, TunnelPort, STREAM_QUEUE};
@@ -28,7 +28,7 @@ use crate::handle::{OpenRequest, StreamEnd, TunnelHandle, TunnelHandler, TunnelS
 use crate::sockopt;
 use crate::stream::{self, StreamLink};
 use crate::waker::Waker;
-use crate::ws::TunnelSocket;
+use crate::ws::{finish_binary_frame, Masker, TunnelSocket, FRAME_HEADER_ROOM};
 
 /// Stack of a tunnel thread (handler callbacks run on it; there are few tunnels).
 pub const TUNNEL_STACK_SIZE: usize = 512 * 1024;
@@ -85,6 +85,8 @@ impl Tunnel {
             waker: waker.clone(),
         };
         let handle = TunnelHandle::new(id.to_owned(), control_tx, port, status.clone());
+        // The agent is the WebSocket client: its frames are masked (RFC 6455 §5.3).
+        let masker = (session.side() == nowconnect_core::Side::Agent).then(Masker::new);
         let mut t = TunnelThread {
             ws,
             session,
@@ -98,11 +100,15 @@ impl Tunnel {
             pending_opens: HashSet::new(),
             credit_dirty: Vec::new(),
             out: Vec::new(),
+            held: None,
+            masker,
             ws_blocked: false,
             ws_lost: false,
+            ws_unreadable: false,
             read_more: false,
             readable: true,
             writable: false,
+            woken: true,
             end: None,
         };
         let thread = thread::Builder::new()
@@ -154,18 +160,29 @@ struct TunnelThread {
     pending_opens: HashSet<u32>,
     /// Streams whose send capacity may have changed since credit was last published.
     credit_dirty: Vec<u32>,
-    /// The next WebSocket message being filled by `poll_transmit`.
+    /// The next WebSocket message: [`FRAME_HEADER_ROOM`] bytes, then what `poll_transmit`
+    /// filled; framed in place and handed to the transport without a copy.
     out: Vec<u8>,
+    /// `out` holds a framed message starting at this offset, waiting for tungstenite's own
+    /// buffered output (a pong, a Close) to go first.
+    held: Option<usize>,
+    /// Client side: masking keys.
+    masker: Option<Masker>,
     /// The last flush hit `WouldBlock`: wait for writable, make no new messages meanwhile (the
     /// session keeps the data, bounded by credit).
     ws_blocked: bool,
     /// The connection failed: no Close frame or close_notify can be sent.
     ws_lost: bool,
+    /// A read failed mid-message (over `max_message`): tungstenite's read state is not to be
+    /// resumed (a debug assertion fires), so the close only flushes ours and reads nothing.
+    ws_unreadable: bool,
     /// The read budget ran out with messages possibly buffered above the socket (where poll
     /// cannot see them).
     read_more: bool,
     readable: bool,
     writable: bool,
+    /// The last poll saw the waker readable.
+    woken: bool,
     end: Option<TunnelEnd>,
 }
 
@@ -176,7 +193,8 @@ impl TunnelThread {
             if self.session.poll_timeout().is_some_and(|t| t <= now) {
                 self.session.handle_timeout(now);
             }
-            self.waker.reset();
+            self.waker.reset_after_poll(self.woken);
+            self.woken = false;
             self.drain_control(now);
             self.drain_stream_commands(now);
             if self.writable && self.ws_blocked {
@@ -385,6 +403,7 @@ impl TunnelThread {
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(tungstenite::Error::Capacity(_)) => {
+                    self.ws_unreadable = true;
                     // §10: a message over max_message is 4400, not WebSocket 1009.
                     self.session.close(
                         now,
@@ -408,10 +427,10 @@ impl TunnelThread {
         loop {
             let mut progressed = false;
             while let Some(ev) = self.session.poll_event() {
-                self.dispatch(ev);
+                self.dispatch(now, ev);
                 progressed = true;
             }
-            if !self.ws_blocked && !self.ws_lost && self.session.poll_transmit(now, &mut self.out) {
+            if !self.ws_blocked && !self.ws_lost && self.next_message(now) {
                 self.send_message(now);
                 progressed = true;
             }
@@ -425,26 +444,42 @@ impl TunnelThread {
         }
     }
 
-    fn send_message(&mut self, now: Instant) {
-        let next = Vec::with_capacity(self.out.len());
-        let payload = Bytes::from(std::mem::replace(&mut self.out, next));
-        match self.ws.write(Message::Binary(payload)) {
-            Ok(()) => self.flush_ws(now),
-            // tungstenite kept the frame; it goes out with the next flush.
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.ws_blocked = true;
-            }
-            Err(e) => self.lost(now, &e),
-        }
+    /// Fill `out` with the session's next message (after room for the frame header).
+    fn next_message(&mut self, now: Instant) -> bool {
+        self.out.clear();
+        self.out.resize(FRAME_HEADER_ROOM, 0);
+        self.session.poll_transmit(now, &mut self.out)
     }
 
+    /// Frame `out` as one binary WebSocket message and send it (one TLS write for the batch).
+    fn send_message(&mut self, now: Instant) {
+        let start = finish_binary_frame(&mut self.out, self.masker.as_mut());
+        self.held = Some(start);
+        self.flush_ws(now);
+    }
+
+    /// Write tungstenite's buffered output, then the held message, until done or `WouldBlock`.
     fn flush_ws(&mut self, now: Instant) {
-        match self.ws.flush() {
-            Ok(()) => self.ws_blocked = false,
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.ws_blocked = true;
+        loop {
+            match self.ws.flush() {
+                Ok(()) => {
+                    if let Some(start) = self.held.take() {
+                        // tungstenite's buffer is empty: our frame goes next, whole.
+                        self.ws.get_mut().queue_frames(&mut self.out, start);
+                        continue;
+                    }
+                    self.ws_blocked = false;
+                    return;
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.ws_blocked = true;
+                    return;
+                }
+                Err(e) => {
+                    self.lost(now, &e);
+                    return;
+                }
             }
-            Err(e) => self.lost(now, &e),
         }
     }
 
@@ -457,13 +492,18 @@ impl TunnelThread {
         }
     }
 
-    fn dispatch(&mut self, ev: Event) {
+    fn dispatch(&mut self, now: Instant, ev: Event) {
         let tunnel = &self.handle;
         match ev {
             Event::Data { cid, data } => {
                 if let Some(s) = self.streams.get_mut(&cid) {
                     s.received += data.len() as u64;
-                    s.link.deliver(data);
+                    // Bytes the socket took at once go back as credit now (WINDOW in the next
+                    // message), with no round trip through the socket thread.
+                    let written = s.link.deliver(data);
+                    if written > 0 {
+                        self.session.release(now, cid, written);
+                    }
                 }
             }
             Event::Writable { cid } => self.mark_dirty(cid),
@@ -595,6 +635,7 @@ impl TunnelThread {
         ];
         let result = poll(&mut fds, timespec.as_ref());
         let revents = fds[0].revents();
+        self.woken = !fds[1].revents().is_empty();
         // HUP/ERR: let the read or the flush surface the error.
         self.readable = revents.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR);
         self.writable = revents.intersects(PollFlags::OUT | PollFlags::HUP | PollFlags::ERR);
@@ -628,13 +669,21 @@ impl TunnelThread {
         }
         let now = clock::now();
         let deadline = StdInstant::now() + CLOSE_LINGER;
-        while self.session.poll_transmit(now, &mut self.out) {
-            let payload = Bytes::from(std::mem::take(&mut self.out));
-            match self.ws.write(Message::Binary(payload)) {
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => break,
-                Ok(()) => {}
+        // What the session still queued (RST, GOAWAY), within the linger deadline.
+        while !self.ws_lost {
+            if self.held.is_none() {
+                if !self.next_message(now) {
+                    break;
+                }
+                self.held = Some(finish_binary_frame(&mut self.out, self.masker.as_mut()));
             }
+            self.flush_ws(now);
+            if self.ws_blocked && !self.wait_socket(PollFlags::OUT, deadline) {
+                break;
+            }
+        }
+        if self.ws_lost {
+            return;
         }
         let (code, reason) = self.session.close_reason().unwrap_or((close::NORMAL, ""));
         // 1005/1006/1015 describe a missing or failed close; they are never sent.
@@ -666,6 +715,13 @@ impl TunnelThread {
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => false,
                 Err(_) => return,
             };
+            if self.ws_unreadable {
+                // Our Close is out (or the socket is full until the deadline); nothing to read.
+                if flushed || !self.wait_socket(PollFlags::OUT, deadline) {
+                    return;
+                }
+                continue;
+            }
             loop {
                 match self.ws.read() {
                     // Late messages of a closed session are dropped.

@@ -54,6 +54,17 @@ impl Waker {
     }
 }
 
+impl Waker {
+    /// Owner only: [`reset`](Waker::reset) if a wake may be pending — the last poll saw the
+    /// eventfd readable, or a signaller has claimed a wake — and skip the syscall otherwise.
+    /// A wake claimed after this check still writes the eventfd, so the next poll returns.
+    pub fn reset_after_poll(&self, polled_readable: bool) {
+        if polled_readable || self.pending.load(Ordering::Acquire) {
+            self.reset();
+        }
+    }
+}
+
 impl AsFd for Waker {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -136,6 +147,21 @@ mod tests {
             p.join().expect("producer");
         }
         assert_eq!(pushed.load(Ordering::SeqCst), seen);
+    }
+
+    #[test]
+    fn reset_after_poll_clears_a_claimed_wake() {
+        let w = Waker::new().expect("eventfd");
+        w.reset_after_poll(false);
+        assert!(!readable(&w));
+        w.wake();
+        // Not polled since, but the wake is claimed: it is consumed.
+        w.reset_after_poll(false);
+        assert!(!readable(&w));
+        w.wake();
+        w.wake();
+        w.reset_after_poll(true);
+        assert!(!readable(&w));
     }
 
     #[test]

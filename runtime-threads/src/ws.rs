@@ -33,6 +33,100 @@ pub fn websocket_config(max_message: usize) -> WebSocketConfig {
         .max_frame_size(Some(max_message))
 }
 
+/// Room a message buffer keeps in front of its payload for the WebSocket frame header
+/// (2 + 8 length bytes + 4 mask bytes, RFC 6455 §5.2).
+pub const FRAME_HEADER_ROOM: usize = 14;
+
+/// Masking keys for a client's frames (RFC 6455 §5.3: unpredictable), drawn from the crypto
+/// provider's secure random in blocks.
+pub struct Masker {
+    rng: &'static dyn rustls::crypto::SecureRandom,
+    pool: [u8; 256],
+    pos: usize,
+}
+
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Masker")
+    }
+}
+
+impl Masker {
+    /// Keys from the process's rustls provider (ring).
+    pub fn new() -> Masker {
+        Masker {
+            rng: rustls::crypto::ring::default_provider().secure_random,
+            pool: [0; 256],
+            pos: 256,
+        }
+    }
+
+    fn key(&mut self) -> [u8; 4] {
+        if self.pos + 4 > self.pool.len() {
+            // On failure the previous block is reused, still unknown to the network.
+            let _ = self.rng.fill(&mut self.pool);
+            self.pos = 0;
+        }
+        let mut k = [0u8; 4];
+        k.copy_from_slice(&self.pool[self.pos..self.pos + 4]);
+        self.pos += 4;
+        k
+    }
+}
+
+impl Default for Masker {
+    fn default() -> Self {
+        Masker::new()
+    }
+}
+
+/// XOR `data` with the repeated 4-byte `key` (RFC 6455 §5.3), 8 bytes at a time.
+fn apply_mask(data: &mut [u8], key: [u8; 4]) {
+    let k8 = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        c.copy_from_slice(&(u64::from_ne_bytes(w) ^ k8).to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i & 3];
+    }
+}
+
+/// Turn `msg` — [`FRAME_HEADER_ROOM`] bytes of room, then the payload — into one final binary
+/// WebSocket frame (masked when `masker` is given, i.e. on the client side). Returns where the
+/// frame starts in `msg`.
+pub fn finish_binary_frame(msg: &mut [u8], masker: Option<&mut Masker>) -> usize {
+    let len = msg.len() - FRAME_HEADER_ROOM;
+    let mut h = [0u8; FRAME_HEADER_ROOM];
+    h[0] = 0x82; // FIN, binary
+    let mask_bit = if masker.is_some() { 0x80 } else { 0 };
+    let mut n = 2;
+    if len < 126 {
+        h[1] = mask_bit | len as u8;
+    } else if let Ok(short) = u16::try_from(len) {
+        h[1] = mask_bit | 126;
+        h[2..4].copy_from_slice(&short.to_be_bytes());
+        n = 4;
+    } else {
+        h[1] = mask_bit | 127;
+        h[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        n = 10;
+    }
+    if let Some(m) = masker {
+        let key = m.key();
+        h[n..n + 4].copy_from_slice(&key);
+        n += 4;
+        apply_mask(&mut msg[FRAME_HEADER_ROOM..], key);
+    }
+    let start = FRAME_HEADER_ROOM - n;
+    msg[start..FRAME_HEADER_ROOM].copy_from_slice(&h[..n]);
+    start
+}
+
 /// Why the agent's upgrade failed.
 #[derive(Debug)]
 pub enum ConnectError {
@@ -345,6 +439,31 @@ mod tests {
             "nowconnect.v2"
         )])));
         assert!(!offers_subprotocol(&headers(&[])));
+    }
+
+    /// Our own frames read back by tungstenite, both roles, all three length forms.
+    #[test]
+    fn own_frames_parse_as_tungstenite_frames() {
+        use tungstenite::protocol::frame::FrameSocket;
+        for len in [0usize, 1, 125, 126, 65_535, 65_536, 200_000] {
+            for client in [false, true] {
+                let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+                let mut msg = vec![0u8; FRAME_HEADER_ROOM];
+                msg.extend_from_slice(&payload);
+                let mut masker = Masker::new();
+                let start = finish_binary_frame(&mut msg, client.then_some(&mut masker));
+                let mut sock = FrameSocket::new(std::io::Cursor::new(msg[start..].to_vec()));
+                let frame = sock.read(None).expect("frame").expect("one frame");
+                let header = frame.header().clone();
+                assert!(header.is_final);
+                assert_eq!(header.mask.is_some(), client, "len {len}");
+                let mut got = frame.into_payload().to_vec();
+                if let Some(key) = header.mask {
+                    apply_mask(&mut got, key);
+                }
+                assert_eq!(got, payload, "len {len} client {client}");
+            }
+        }
     }
 
     #[test]
