@@ -201,7 +201,7 @@ impl Drop for HttpStub {
 }
 
 fn serve(conn: &mut impl ReadWrite, state: &Mutex<State>) {
-    let Some(req) = read_request(conn) else {
+    let Some(req) = read_request(conn, MAX_REQUEST) else {
         return;
     };
     let response = {
@@ -234,14 +234,16 @@ fn serve(conn: &mut impl ReadWrite, state: &Mutex<State>) {
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-fn read_request(conn: &mut impl Read) -> Option<StubRequest> {
+/// Reads one HTTP/1.1 request: head up to `\r\n\r\n`, then a `Content-Length` body; head
+/// and body each bounded by `max` bytes. `None` on EOF, a read error or an oversized head.
+pub fn read_request(conn: &mut impl Read, max: usize) -> Option<StubRequest> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        if buf.len() > MAX_REQUEST {
+        if buf.len() > max {
             return None;
         }
         let n = conn.read(&mut chunk).ok()?;
@@ -264,7 +266,7 @@ fn read_request(conn: &mut impl Read) -> Option<StubRequest> {
         .find(|(n, _)| n == "content-length")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
-        .min(MAX_REQUEST);
+        .min(max);
     let mut body = buf[head_end..].to_vec();
     while body.len() < len {
         let n = conn.read(&mut chunk).ok()?;

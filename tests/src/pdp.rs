@@ -4,7 +4,7 @@
 //! and come back on the same port; it records every request and counts those in flight.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -257,14 +257,12 @@ impl Drop for FakePdp {
 fn handle(mut conn: TcpStream, shared: &Shared) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
-    let Some((head, body)) = read_request(&mut conn) else {
+    let Some(req) = crate::http::read_request(&mut conn, MAX_REQUEST) else {
         return;
     };
-    let mut request_line = head.lines().next().unwrap_or_default().split(' ');
-    let method = request_line.next().unwrap_or_default().to_string();
-    let path = request_line.next().unwrap_or_default().to_string();
-    let content_type = header(&head, "content-type");
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let content_type = req.header("content-type").map(str::to_owned);
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let (method, path) = (req.method, req.path);
     let connector = body
         .get("connector")
         .and_then(Value::as_str)
@@ -305,46 +303,4 @@ fn handle(mut conn: TcpStream, shared: &Shared) {
     if let Some(i) = st.in_flight.iter().position(|c| *c == connector) {
         st.in_flight.remove(i);
     }
-}
-
-/// The request head (as text) and its `Content-Length` body, both bounded by [`MAX_REQUEST`].
-fn read_request(conn: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_REQUEST {
-            return None;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let len = header(&head, "content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(MAX_REQUEST);
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(len);
-    Some((head, body))
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim().to_string())
 }

@@ -211,7 +211,13 @@ impl Drop for TokenEndpoint {
 }
 
 fn serve(conn: &mut (impl Read + Write), state: &Mutex<State>) {
-    let Some((method, path, headers, body)) = read_request(conn) else {
+    let Some(crate::http::StubRequest {
+        method,
+        path,
+        headers,
+        body,
+    }) = crate::http::read_request(conn, MAX_REQUEST)
+    else {
         return;
     };
     let at = Instant::now();
@@ -291,51 +297,6 @@ fn serve(conn: &mut (impl Read + Write), state: &Mutex<State>) {
     let _ = conn.write_all(head.as_bytes());
     let _ = conn.write_all(json.as_bytes());
     let _ = conn.flush();
-}
-
-type Request = (String, String, Vec<(String, String)>, Vec<u8>);
-
-fn read_request(conn: &mut impl Read) -> Option<Request> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_REQUEST {
-            return None;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut request_line = lines.next()?.split(' ');
-    let method = request_line.next()?.to_string();
-    let path = request_line.next()?.to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
-        .min(MAX_REQUEST);
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(len);
-    Some((method, path, headers, body))
 }
 
 fn parse_form(s: &str) -> Vec<(String, String)> {
