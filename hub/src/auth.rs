@@ -778,6 +778,35 @@ impl fmt::Debug for JwksSource {
     }
 }
 
+/// TLS for the hub's HTTPS clients (JWKS, PDP): the system roots, Mozilla's
+/// (webpki-root-certs) and `extra`, with the process rustls crypto provider (ring if none is
+/// installed).
+pub(crate) fn https_tls_config(
+    extra: &[rustls::pki_types::CertificateDer<'_>],
+) -> ureq::tls::TlsConfig {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let native = rustls_native_certs::load_native_certs().certs;
+    let roots: Vec<Certificate<'static>> = native
+        .iter()
+        .map(|c| c.as_ref())
+        .chain(
+            webpki_root_certs::TLS_SERVER_ROOT_CERTS
+                .iter()
+                .map(|c| c.as_ref()),
+        )
+        .chain(extra.iter().map(|c| c.as_ref()))
+        .map(|der| Certificate::from_der(der).to_owned())
+        .collect();
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::new_with_certs(&roots))
+        .unversioned_rustls_crypto_provider(provider)
+        .build()
+}
+
 impl JwksSource {
     /// The source an `auth:` section names.
     pub fn from_config(cfg: &AuthConfig) -> Result<Self, JwksError> {
@@ -791,27 +820,11 @@ impl JwksSource {
     /// An HTTPS source. Roots: the system store, Mozilla's (webpki-root-certs) and `extra_ca`.
     /// Uses the process rustls crypto provider (ring if none is installed).
     pub fn url(url: &str, extra_ca: Option<&Path>, timeout: Duration) -> Result<Self, JwksError> {
-        use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
-        let mut roots: Vec<Certificate<'static>> = Vec::new();
-        for c in rustls_native_certs::load_native_certs().certs {
-            roots.push(Certificate::from_der(c.as_ref()).to_owned());
-        }
-        for c in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
-            roots.push(Certificate::from_der(c.as_ref()).to_owned());
-        }
-        if let Some(ca) = extra_ca {
-            for c in nowconnect_runtime::conf::load_ca_certs(ca).map_err(JwksError::Setup)? {
-                roots.push(Certificate::from_der(c.as_ref()).to_owned());
-            }
-        }
-        let provider = rustls::crypto::CryptoProvider::get_default()
-            .cloned()
-            .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-        let tls = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            .root_certs(RootCerts::new_with_certs(&roots))
-            .unversioned_rustls_crypto_provider(provider)
-            .build();
+        let extra = match extra_ca {
+            Some(ca) => nowconnect_runtime::conf::load_ca_certs(ca).map_err(JwksError::Setup)?,
+            None => Vec::new(),
+        };
+        let tls = https_tls_config(&extra);
         // An https:// JWKS URL never follows a redirect to plain http.
         let https = url
             .get(..8)

@@ -304,22 +304,7 @@ impl Pdp {
 /// whole call, no redirects (a POST must not silently turn into a GET elsewhere), statuses
 /// checked by the caller.
 fn http_agent(timeout: Duration) -> ureq::Agent {
-    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
-    let mut roots: Vec<Certificate<'static>> = Vec::new();
-    for c in rustls_native_certs::load_native_certs().certs {
-        roots.push(Certificate::from_der(c.as_ref()).to_owned());
-    }
-    for c in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
-        roots.push(Certificate::from_der(c.as_ref()).to_owned());
-    }
-    let provider = rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-    let tls = TlsConfig::builder()
-        .provider(TlsProvider::Rustls)
-        .root_certs(RootCerts::new_with_certs(&roots))
-        .unversioned_rustls_crypto_provider(provider)
-        .build();
+    let tls = crate::auth::https_tls_config(&[]);
     ureq::Agent::config_builder()
         .tls_config(tls)
         .timeout_global(Some(timeout))
