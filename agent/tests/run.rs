@@ -513,6 +513,8 @@ fn rejections_are_counted_and_retried_until_accepted() {
     assert!(!agent.readiness().0);
     hub.policy.lock().expect("p").reject = None;
     assert!(until(WAIT, || agent.tunnels_up() == 1));
+    // The tunnel gauge and the connect counter move on different threads: wait for the counter.
+    assert!(until(WAIT, || connects(&agent, "ok") >= 1.0));
     assert_eq!(connects(&agent, "ok"), 1.0);
     assert_eq!(stop(agent), 0);
 }
