@@ -1,5 +1,7 @@
 //! What a session tells its driver (`Session::poll_event`).
 
+use bytes::Bytes;
+
 use crate::codes::Code;
 use crate::json::{HealthReport, Hello, HelloAck};
 
@@ -31,8 +33,9 @@ pub enum Event {
     Data {
         /// Stream id.
         cid: u32,
-        /// The bytes, in order.
-        data: Vec<u8>,
+        /// The bytes, in order (a slice of the received message when it came through
+        /// `handle_message_bytes`).
+        data: Bytes,
     },
     /// Credit came back for a stream whose send capacity had run out.
     Writable {

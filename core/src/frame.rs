@@ -619,11 +619,17 @@ impl Frame<'_> {
 /// stream's send buffer, which may wrap, straight into the message).
 pub fn encode_data_parts(out: &mut Vec<u8>, cid: u32, seq: u32, parts: [&[u8]; 2]) {
     let n = parts[0].len() + parts[1].len();
+    encode_data_header(out, cid, seq, n);
+    extend_payload(out, parts[0]);
+    extend_payload(out, parts[1]);
+}
+
+/// Appends the header of a DATA frame whose `n` payload bytes the caller appends next (and
+/// reserves room for them).
+pub(crate) fn encode_data_header(out: &mut Vec<u8>, cid: u32, seq: u32, n: usize) {
     out.reserve(HEADER_LEN + DATA_OVERHEAD + n);
     put_header(out, FrameType::Data, cid, DATA_OVERHEAD + n);
     out.extend_from_slice(&seq.to_be_bytes());
-    extend_payload(out, parts[0]);
-    extend_payload(out, parts[1]);
 }
 
 /// Largest piece [`extend_payload`] hands to `memcpy` at once: below glibc's `rep movsb`

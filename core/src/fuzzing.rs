@@ -698,7 +698,13 @@ impl SessionDriver {
             SessionOp::Send { cid, len } => {
                 let cid = self.pick_cid(cid);
                 let cap = self.s.send_capacity(cid);
-                let n = self.s.send(now, cid, &vec![0x5A; usize::from(len)]);
+                let data = vec![0x5A; usize::from(len)];
+                // Both send paths: owned (queued as is when it fits) and copied.
+                let n = if len % 2 == 0 {
+                    self.s.send_vec(now, cid, data)
+                } else {
+                    self.s.send(now, cid, &data)
+                };
                 assert!(
                     n <= usize::from(len) && n <= cap,
                     "send accepted beyond capacity"

@@ -61,6 +61,7 @@ pub mod testing;
 #[cfg(any(test, feature = "testing"))]
 pub mod transcript;
 
+pub use bytes::Bytes;
 pub use codes::{close, Code, Side};
 pub use config::Config;
 pub use core::time::Duration;

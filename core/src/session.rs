@@ -7,12 +7,14 @@ use core::time::Duration;
 use crate::codes::{close, Code, Side};
 use crate::config::{Config, MAX_CREDIT};
 use crate::event::Event;
+use bytes::Bytes;
+
 use crate::frame::{
-    decode_one, encode_data_parts, extend_payload, truncate_utf8, DecodeError, FinDir, Frame,
-    COPY_PIECE, DATA_OVERHEAD, HEADER_LEN, MAX_REASON,
+    decode_one, encode_data_header, extend_payload, truncate_utf8, DecodeError, FinDir, Frame,
+    DATA_OVERHEAD, HEADER_LEN, MAX_REASON,
 };
 use crate::json::{HealthReport, Hello, HelloAck, RenewAck, PROTOCOL_VERSION};
-use crate::stream::{Phase, Stream};
+use crate::stream::{Phase, Stream, TxQueue};
 use crate::time::Instant;
 
 /// Shortest round trip assumed by auto-tuning (a loopback PING can measure 0 ms).
@@ -23,10 +25,10 @@ const DEFAULT_RTT: Duration = Duration::from_millis(100);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// An owned copy of a DATA payload (for `Event::Data`).
-fn payload_vec(payload: &[u8]) -> Vec<u8> {
+fn payload_copy(payload: &[u8]) -> Bytes {
     let mut v = Vec::with_capacity(payload.len());
     extend_payload(&mut v, payload);
-    v
+    Bytes::from(v)
 }
 
 /// Why `Session::open` refused to open a stream.
@@ -124,6 +126,10 @@ pub struct Session {
     ctrl: Vec<u8>,
     ctrl_lens: VecDeque<usize>,
     events: VecDeque<Event>,
+    /// Send chunks already framed, for the driver to reuse (`take_spare_buffer`).
+    spare: Vec<Vec<u8>>,
+    /// The message `handle_message_bytes` is decoding: DATA events share it instead of copying.
+    rx_msg: Option<Bytes>,
     /// Sum of every stream's receive window above its initial size (auto-tuning budget).
     grown: u64,
     rtt: Option<Duration>,
@@ -158,6 +164,8 @@ impl Session {
             ctrl: Vec::new(),
             ctrl_lens: VecDeque::new(),
             events: VecDeque::new(),
+            rx_msg: None,
+            spare: Vec::new(),
             grown: 0,
             rtt: None,
             ping_seq: 0,
@@ -353,8 +361,22 @@ impl Session {
 
     // ----- network input -----
 
-    /// Feeds one WebSocket binary message from the peer.
+    /// Feeds one WebSocket binary message from the peer. DATA payloads are copied into their
+    /// events; [`handle_message_bytes`](Session::handle_message_bytes) avoids that copy.
     pub fn handle_message(&mut self, now: Instant, msg: &[u8]) {
+        self.decode_message(now, msg);
+    }
+
+    /// Like [`handle_message`](Session::handle_message), for a message the driver holds as
+    /// [`Bytes`]: each `Event::Data` is a slice of `msg`, not a copy. The driver should write or
+    /// copy the payloads before it reads the next message, or they keep `msg` alive.
+    pub fn handle_message_bytes(&mut self, now: Instant, msg: Bytes) {
+        self.rx_msg = Some(msg.clone());
+        self.decode_message(now, &msg);
+        self.rx_msg = None;
+    }
+
+    fn decode_message(&mut self, now: Instant, msg: &[u8]) {
         self.advance(now);
         if self.state == State::Closed {
             return;
@@ -596,27 +618,15 @@ impl Session {
         s.rx.buffered += n;
         s.last_activity = now;
         if s.phase == Phase::Opening {
-            // Agent: pipelined DATA waits until the target is connected.
-            match s.held.last_mut() {
-                Some(Event::Data { data, .. }) => extend_payload(data, payload),
-                _ => s.held.push(Event::Data {
-                    cid,
-                    data: payload_vec(payload),
-                }),
-            }
+            // Agent: pipelined DATA waits (copied, coalesced) until the target is connected.
+            extend_payload(&mut s.held_data, payload);
             return;
         }
-        // Coalesce back-to-back DATA of one stream into one event.
-        if let Some(Event::Data { cid: c, data }) = self.events.back_mut() {
-            if *c == cid {
-                extend_payload(data, payload);
-                return;
-            }
-        }
-        self.events.push_back(Event::Data {
-            cid,
-            data: payload_vec(payload),
-        });
+        let data = match &self.rx_msg {
+            Some(msg) => msg.slice_ref(payload),
+            None => payload_copy(payload),
+        };
+        self.events.push_back(Event::Data { cid, data });
     }
 
     fn on_window(&mut self, cid: u32, increment: u32) {
@@ -767,6 +777,7 @@ impl Session {
             return;
         }
         s.phase = Phase::Open;
+        let held_data = std::mem::take(&mut s.held_data);
         let held = std::mem::take(&mut s.held);
         if s.tx.wants_transmit() && !s.queued {
             s.queued = true;
@@ -774,6 +785,12 @@ impl Session {
         }
         self.queue_ctrl(&Frame::OpenOk { cid, backend });
         let fin = held.iter().any(|e| matches!(e, Event::Finished { .. }));
+        if !held_data.is_empty() {
+            self.events.push_back(Event::Data {
+                cid,
+                data: Bytes::from(held_data),
+            });
+        }
         self.events.extend(held);
         if fin {
             self.maybe_stream_closed(cid);
@@ -805,8 +822,31 @@ impl Session {
 
     // ----- commands: both -----
 
-    /// Queues up to `send_capacity(cid)` bytes of `data`; returns how many were accepted.
+    /// Queues up to `send_capacity(cid)` bytes of `data` (copied); returns how many were
+    /// accepted.
     pub fn send(&mut self, now: Instant, cid: u32, data: &[u8]) -> usize {
+        let n = self.accept_send(now, cid, data.len());
+        if n > 0 {
+            self.queue_send(now, cid, |q| q.push_slice(&data[..n]));
+        }
+        n
+    }
+
+    /// Like [`send`](Session::send) for bytes the driver owns: when all of `data` fits the
+    /// stream's capacity it is queued without a copy (the usual case for a driver that reads
+    /// only within `send_capacity`).
+    pub fn send_vec(&mut self, now: Instant, cid: u32, data: Vec<u8>) -> usize {
+        let n = self.accept_send(now, cid, data.len());
+        if n == data.len() && n > 0 {
+            self.queue_send(now, cid, |q| q.push_vec(data));
+        } else if n > 0 {
+            self.queue_send(now, cid, |q| q.push_slice(&data[..n]));
+        }
+        n
+    }
+
+    /// How many of `len` bytes `send` takes now; marks the stream blocked when not all.
+    fn accept_send(&mut self, now: Instant, cid: u32, len: usize) -> usize {
         self.advance(now);
         if self.state != State::Established {
             return 0;
@@ -815,24 +855,23 @@ impl Session {
         let Some(s) = self.streams.get_mut(&cid) else {
             return 0;
         };
-        let n = cap.min(data.len());
-        if n < data.len() {
+        let n = cap.min(len);
+        if n < len {
             s.tx.blocked = true;
         }
-        if n == 0 {
-            return 0;
-        }
-        // In pieces, like `extend_payload` (frame.rs says why).
-        s.tx.buf.reserve(n);
-        for piece in data[..n].chunks(COPY_PIECE) {
-            s.tx.buf.extend(piece);
-        }
+        n
+    }
+
+    fn queue_send(&mut self, now: Instant, cid: u32, push: impl FnOnce(&mut TxQueue)) {
+        let Some(s) = self.streams.get_mut(&cid) else {
+            return;
+        };
+        push(&mut s.tx.buf);
         s.last_activity = now;
         if !s.queued {
             s.queued = true;
             self.ready.push_back(cid);
         }
-        n
     }
 
     /// Local EOF: FIN goes out after the buffered data (§4).
@@ -991,10 +1030,8 @@ impl Session {
             let room = limit - out.len() - HEADER_LEN - DATA_OVERHEAD;
             let n = s.tx.buf.len().min(max_frame).min(room);
             if n > 0 {
-                let (a, b) = s.tx.buf.as_slices();
-                let a_n = a.len().min(n);
-                encode_data_parts(out, cid, s.tx.seq, [&a[..a_n], &b[..n - a_n]]);
-                s.tx.buf.drain(..n);
+                encode_data_header(out, cid, s.tx.seq, n);
+                s.tx.buf.take_into(out, n, &mut self.spare);
                 s.tx.seq = s.tx.seq.wrapping_add(1);
                 s.tx.credit -= n as u64;
             }
@@ -1018,6 +1055,14 @@ impl Session {
         for cid in closed {
             self.maybe_stream_closed(cid);
         }
+    }
+
+    /// A send buffer whose bytes are all framed now — one handed over with
+    /// [`send_vec`](Session::send_vec), or a chunk `send` copied into — empty, with its
+    /// capacity, for the driver to read into again instead of allocating. At most a few are
+    /// kept; the rest are freed.
+    pub fn take_spare_buffer(&mut self) -> Option<Vec<u8>> {
+        self.spare.pop()
     }
 
     /// Next event for the driver.

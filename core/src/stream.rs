@@ -6,7 +6,95 @@ use std::collections::VecDeque;
 use core::time::Duration;
 
 use crate::event::Event;
+use crate::frame::extend_payload;
 use crate::time::Instant;
+
+/// A chunk this small is copied into the queue's tail instead of being kept as its own chunk,
+/// so many tiny sends cannot each hold an allocation (memory stays near the bytes queued).
+const COALESCE_BELOW: usize = 4096;
+/// Capacity of a chunk started for copied bytes: small sends coalesce into it.
+const COPY_CHUNK: usize = 16 * 1024;
+
+/// Emptied send chunks a session keeps for [`Session::take_spare_buffer`](crate::Session).
+pub(crate) const SPARE_BUFFERS: usize = 16;
+
+/// A stream's unsent bytes: owned chunks, in order, the front one consumed from `head`.
+///
+/// Bulk data handed over as a `Vec` is queued as is (no copy until it is framed); small pieces
+/// are copied into a tail chunk. Chunks are freed as they are framed, so an idle stream holds
+/// no send memory.
+#[derive(Debug, Default)]
+pub(crate) struct TxQueue {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already framed.
+    head: usize,
+    len: usize,
+}
+
+impl TxQueue {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a copy of `data`.
+    pub fn push_slice(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.len += data.len();
+        if let Some(tail) = self.chunks.back_mut() {
+            if tail.capacity() - tail.len() >= data.len() {
+                extend_payload(tail, data);
+                return;
+            }
+        }
+        let mut chunk = Vec::with_capacity(data.len().max(COPY_CHUNK));
+        extend_payload(&mut chunk, data);
+        self.chunks.push_back(chunk);
+    }
+
+    /// Appends `data`, without a copy unless it is small.
+    pub fn push_vec(&mut self, mut data: Vec<u8>) {
+        if data.len() < COALESCE_BELOW {
+            return self.push_slice(&data);
+        }
+        if data.capacity() > 2 * data.len() {
+            // A short read into a big buffer: keep memory near the bytes queued.
+            data.shrink_to_fit();
+        }
+        self.len += data.len();
+        self.chunks.push_back(data);
+    }
+
+    /// Moves up to `n` bytes from the front to `out`; chunks emptied go to `spare` (cleared)
+    /// while it holds fewer than [`SPARE_BUFFERS`], for the driver to read into again.
+    pub fn take_into(&mut self, out: &mut Vec<u8>, mut n: usize, spare: &mut Vec<Vec<u8>>) {
+        n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
+            let piece = (front.len() - self.head).min(n);
+            extend_payload(out, &front[self.head..self.head + piece]);
+            self.head += piece;
+            n -= piece;
+            if self.head == front.len() {
+                if let Some(mut chunk) = self.chunks.pop_front() {
+                    if spare.len() < SPARE_BUFFERS {
+                        chunk.clear();
+                        spare.push(chunk);
+                    }
+                }
+                self.head = 0;
+            }
+        }
+    }
+}
 
 /// Where a stream is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +110,7 @@ pub(crate) enum Phase {
 /// always make progress.
 #[derive(Debug)]
 pub(crate) struct SendHalf {
-    pub buf: VecDeque<u8>,
+    pub buf: TxQueue,
     /// Bytes the peer still lets us send (granted − sent), ≤ `MAX_CREDIT`.
     pub credit: u64,
     pub seq: u32,
@@ -75,7 +163,9 @@ pub(crate) struct Stream {
     pub idle_timeout: Option<Duration>,
     pub tx: SendHalf,
     pub rx: RecvHalf,
-    /// Agent: events held while the driver connects the target (pipelined DATA, FIN).
+    /// Agent: pipelined DATA held while the driver connects the target.
+    pub held_data: Vec<u8>,
+    /// Agent: other events held meanwhile (after `held_data`: Writable, FIN).
     pub held: Vec<Event>,
     /// In the session's round-robin ready queue.
     pub queued: bool,
@@ -95,7 +185,7 @@ impl Stream {
             last_activity: now,
             idle_timeout: idle,
             tx: SendHalf {
-                buf: VecDeque::new(),
+                buf: TxQueue::default(),
                 credit: u64::from(send_credit),
                 seq: 0,
                 fin_queued: false,
@@ -111,6 +201,7 @@ impl Stream {
                 fin: false,
                 last_update: None,
             },
+            held_data: Vec::new(),
             held: Vec::new(),
             queued: false,
         }

@@ -169,8 +169,10 @@ impl Pair {
             let Some(m) = self.to_agent.pop_front() else {
                 break;
             };
-            self.agent.handle_message(self.now, &m);
-            self.spare.push(m);
+            // The agent takes messages as `Bytes` (DATA shares them), the hub as slices
+            // (DATA copied): both decode paths run in every test and fuzz case.
+            self.agent
+                .handle_message_bytes(self.now, bytes::Bytes::from(m));
             moved = true;
         }
         while !self.hold_to_hub {
@@ -309,7 +311,11 @@ impl Pair {
     /// Sends as much of `data` as credit allows from `side`; returns bytes accepted.
     pub fn send(&mut self, side: Side, cid: u32, data: &[u8]) -> usize {
         let now = self.now;
-        self.session(side).send(now, cid, data)
+        // Both send paths run: the agent hands over owned buffers, the hub slices.
+        match side {
+            Side::Agent => self.agent.send_vec(now, cid, data.to_vec()),
+            Side::Hub => self.hub.send(now, cid, data),
+        }
     }
 
     /// Sends all of `data` from `side`, driving the pair whenever credit runs out.

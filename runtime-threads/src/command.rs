@@ -14,7 +14,7 @@ use std::time::Duration;
 use crossbeam_channel::{SendError, Sender};
 use nowconnect_core::{Code, HealthReport, HelloAck};
 
-use crate::stream::StreamLink;
+use crate::stream::{BufPool, StreamLink};
 use crate::waker::Waker;
 
 /// Capacity of the stream-command queue. Big enough that socket threads rarely wait; small
@@ -75,6 +75,8 @@ pub(crate) enum Control {
 pub(crate) struct TunnelPort {
     pub tx: Sender<StreamCommand>,
     pub waker: Arc<Waker>,
+    /// Read buffers shared by the tunnel's socket threads.
+    pub pool: Arc<BufPool>,
 }
 
 impl TunnelPort {

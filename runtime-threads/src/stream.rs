@@ -54,6 +54,41 @@ where
         .spawn(f)
 }
 
+/// Read buffers (capacity [`MAX_READ`]) going round between a tunnel's socket threads, which
+/// read into them and hand them over whole, and its tunnel thread, which gets them back from
+/// the session once framed. Recycling them keeps bulk reads off the allocator, which
+/// otherwise returns freed 64 KiB buffers to the kernel and faults fresh pages in per read.
+#[derive(Debug, Default)]
+pub(crate) struct BufPool {
+    bufs: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Buffers a pool keeps (1 MiB of 64 KiB buffers); more are freed.
+const POOL_BUFFERS: usize = 16;
+
+impl BufPool {
+    /// An empty buffer with room for a full read.
+    fn get(&self) -> Vec<u8> {
+        let spare = self
+            .bufs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(MAX_READ))
+    }
+
+    /// Back into the pool, if it is one of ours and there is room.
+    pub fn put(&self, buf: Vec<u8>) {
+        if buf.capacity() != MAX_READ {
+            return;
+        }
+        let mut bufs = self.bufs.lock().unwrap_or_else(PoisonError::into_inner);
+        if bufs.len() < POOL_BUFFERS {
+            bufs.push(buf);
+        }
+    }
+}
+
 /// What the tunnel thread has for a socket thread.
 #[derive(Debug, Default)]
 struct Inbox {
@@ -99,7 +134,9 @@ impl StreamLink {
     /// Tunnel thread: DATA for the local socket. Writes what the socket takes right away if
     /// nothing is queued before it, and returns that many bytes (to release at once); the rest
     /// goes to the socket thread.
-    pub fn deliver(&self, mut data: Vec<u8>) -> usize {
+    /// The rest is copied: `data` may be a slice of a whole received message, which the
+    /// inbox must not keep alive.
+    pub fn deliver(&self, data: &[u8]) -> usize {
         let mut inbox = self.inbox();
         let mut written = 0;
         if inbox.data.is_empty() && !inbox.writing && !inbox.reset && !inbox.finished {
@@ -115,10 +152,9 @@ impl StreamLink {
                 if written == data.len() {
                     return written;
                 }
-                data.drain(..written);
             }
         }
-        inbox.data.push_back(data);
+        inbox.data.push_back(data[written..].to_vec());
         drop(inbox);
         self.waker.wake();
         written
@@ -340,18 +376,34 @@ impl SocketThread {
             if credit == 0 {
                 return Ok(false);
             }
+            // Sized to what this stream has been reading lately (an interactive stream does
+            // not take 64 KiB per keystroke), within credit. Full-size reads reuse pooled
+            // buffers. The read goes into the Vec's spare capacity, so its capacity must be
+            // exactly `want`: never more than credit is read.
             let want = credit.min(self.read_size);
-            // Sized to what this stream has been reading lately, so an interactive stream does
-            // not allocate (and zero) 64 KiB per keystroke; the Vec moves on without a copy.
-            let mut buf = vec![0u8; want];
-            match (&*self.socket).read(&mut buf) {
+            let mut buf = if want == MAX_READ {
+                self.port.pool.get()
+            } else {
+                Vec::with_capacity(want)
+            };
+            let read = if buf.capacity() == want {
+                rustix::io::read(&*self.socket, rustix::buffer::spare_capacity(&mut buf))
+                    .map_err(io::Error::from)
+            } else {
+                // Vec does not promise an exact capacity (it has always been exact): then read
+                // into initialized memory of exactly `want` bytes.
+                buf = vec![0; want];
+                let read = (&*self.socket).read(&mut buf);
+                buf.truncate(*read.as_ref().unwrap_or(&0));
+                read
+            };
+            match read {
                 Ok(0) => {
                     self.read_closed = true;
                     self.send(StreamCommand::Finish { cid })?;
                     return Ok(false);
                 }
                 Ok(n) => {
-                    buf.truncate(n);
                     self.link.credit.fetch_sub(n, Ordering::AcqRel);
                     if n == self.read_size {
                         self.read_size = (self.read_size * 2).min(MAX_READ);

@@ -26,7 +26,7 @@ use crate::clock;
 use crate::command::{Control, StreamCommand, TunnelPort, STREAM_QUEUE};
 use crate::handle::{OpenRequest, StreamEnd, TunnelHandle, TunnelHandler, TunnelStatus};
 use crate::sockopt;
-use crate::stream::{self, StreamLink};
+use crate::stream::{self, BufPool, StreamLink};
 use crate::waker::Waker;
 use crate::ws::{finish_binary_frame, Masker, TunnelSocket, FRAME_HEADER_ROOM};
 
@@ -80,9 +80,11 @@ impl Tunnel {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (stream_tx, stream_rx) = crossbeam_channel::bounded(STREAM_QUEUE);
         let status = Arc::new(TunnelStatus::default());
+        let pool = Arc::new(BufPool::default());
         let port = TunnelPort {
             tx: stream_tx,
             waker: waker.clone(),
+            pool: pool.clone(),
         };
         let handle = TunnelHandle::new(id.to_owned(), control_tx, port, status.clone());
         // The agent is the WebSocket client: its frames are masked (RFC 6455 §5.3).
@@ -99,6 +101,7 @@ impl Tunnel {
             streams: HashMap::new(),
             pending_opens: HashSet::new(),
             credit_dirty: Vec::new(),
+            pool,
             out: Vec::new(),
             held: None,
             masker,
@@ -160,6 +163,8 @@ struct TunnelThread {
     pending_opens: HashSet<u32>,
     /// Streams whose send capacity may have changed since credit was last published.
     credit_dirty: Vec<u32>,
+    /// Socket threads' read buffers, back from the session once framed.
+    pool: Arc<BufPool>,
     /// The next WebSocket message: [`FRAME_HEADER_ROOM`] bytes, then what `poll_transmit`
     /// filled; framed in place and handed to the transport without a copy.
     out: Vec<u8>,
@@ -326,11 +331,13 @@ impl TunnelThread {
                     let Some(s) = self.streams.get_mut(&cid) else {
                         continue; // reset meanwhile: the bytes have nowhere to go
                     };
-                    s.granted = s.granted.saturating_sub(data.len());
-                    let accepted = self.session.send(now, cid, &data);
+                    let len = data.len();
+                    s.granted = s.granted.saturating_sub(len);
+                    // Within the credit granted, so queued without a copy.
+                    let accepted = self.session.send_vec(now, cid, data);
                     s.sent += accepted as u64;
-                    if accepted < data.len() {
-                        log::debug!("stream {cid}: {} bytes after finish", data.len() - accepted);
+                    if accepted < len {
+                        log::debug!("stream {cid}: {} bytes after finish", len - accepted);
                     }
                     self.mark_dirty(cid);
                 }
@@ -390,7 +397,13 @@ impl TunnelThread {
         self.read_more = false;
         for _ in 0..READS_PER_TURN {
             match self.ws.read() {
-                Ok(Message::Binary(msg)) => self.session.handle_message(now, &msg),
+                // DATA events share the message's buffer: hand them out (written or copied)
+                // before the next read, so tungstenite can reuse its buffer instead of
+                // allocating (and faulting in) a fresh one per message.
+                Ok(Message::Binary(msg)) => {
+                    self.session.handle_message_bytes(now, msg);
+                    self.dispatch_events(now);
+                }
                 Ok(Message::Text(_)) => self.session.handle_text_message(now),
                 // tungstenite queues the pong itself; liveness is the protocol's PING (§5).
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
@@ -425,11 +438,7 @@ impl TunnelThread {
     /// Drain the session: events, then messages, until neither is left or the socket is full.
     fn drive(&mut self, now: Instant) {
         loop {
-            let mut progressed = false;
-            while let Some(ev) = self.session.poll_event() {
-                self.dispatch(now, ev);
-                progressed = true;
-            }
+            let mut progressed = self.dispatch_events(now);
             if !self.ws_blocked && !self.ws_lost && self.next_message(now) {
                 self.send_message(now);
                 progressed = true;
@@ -444,11 +453,25 @@ impl TunnelThread {
         }
     }
 
+    /// Hand out every pending session event; whether there was any.
+    fn dispatch_events(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(ev) = self.session.poll_event() {
+            self.dispatch(now, ev);
+            any = true;
+        }
+        any
+    }
+
     /// Fill `out` with the session's next message (after room for the frame header).
     fn next_message(&mut self, now: Instant) -> bool {
         self.out.clear();
         self.out.resize(FRAME_HEADER_ROOM, 0);
-        self.session.poll_transmit(now, &mut self.out)
+        let any = self.session.poll_transmit(now, &mut self.out);
+        while let Some(buf) = self.session.take_spare_buffer() {
+            self.pool.put(buf);
+        }
+        any
     }
 
     /// Frame `out` as one binary WebSocket message and send it (one TLS write for the batch).
@@ -500,7 +523,7 @@ impl TunnelThread {
                     s.received += data.len() as u64;
                     // Bytes the socket took at once go back as credit now (WINDOW in the next
                     // message), with no round trip through the socket thread.
-                    let written = s.link.deliver(data);
+                    let written = s.link.deliver(&data);
                     if written > 0 {
                         self.session.release(now, cid, written);
                     }

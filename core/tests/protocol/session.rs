@@ -1623,3 +1623,124 @@ fn stream_frames_never_overtake_queued_control_frames() {
         assert_eq!(p.received(Side::Hub, cid), b"y");
     }
 }
+
+// ----- buffers: owned sends, shared receives -----
+
+#[test]
+fn send_vec_queues_owned_buffers_in_order_and_returns_them_for_reuse() {
+    let mut p = Pair::connected();
+    let cid = p.open("ldap");
+    p.drive();
+    let big_a = pattern(1, 65_536);
+    let big_b = pattern(2, 70_000);
+    let small = pattern(3, 10);
+    let copied = pattern(4, 3_000);
+    let now = p.now;
+    // Owned buffers with exactly their length as capacity, as a driver's read buffers are.
+    let owned = |d: &[u8]| {
+        let mut v = Vec::with_capacity(d.len());
+        v.extend_from_slice(d);
+        v
+    };
+    assert_eq!(p.hub.send_vec(now, cid, owned(&big_a)), big_a.len());
+    assert_eq!(p.hub.send(now, cid, &copied), copied.len());
+    assert_eq!(p.hub.send_vec(now, cid, owned(&small)), small.len());
+    assert_eq!(p.hub.send_vec(now, cid, owned(&big_b)), big_b.len());
+    assert!(p.hub.take_spare_buffer().is_none(), "nothing framed yet");
+    p.drive();
+    let want = [&big_a[..], &copied, &small, &big_b].concat();
+    assert_eq!(p.received(Side::Agent, cid), &want[..]);
+    // The two big buffers come back empty with their capacity, and the 16 KiB chunk the
+    // copied and the small bytes were coalesced into; the small Vec itself was freed.
+    let mut caps = Vec::new();
+    while let Some(buf) = p.hub.take_spare_buffer() {
+        assert!(buf.is_empty());
+        caps.push(buf.capacity());
+    }
+    caps.sort_unstable();
+    assert_eq!(caps, [16_384, 65_536, 70_000]);
+}
+
+#[test]
+fn send_vec_beyond_capacity_takes_what_fits_and_spares_are_bounded() {
+    let mut p = Pair::connected();
+    let cid = p.open("ldap");
+    p.drive();
+    p.stall(Side::Agent, cid);
+    let cap = p.hub.send_capacity(cid);
+    let now = p.now;
+    let data = pattern(7, cap + 1000);
+    assert_eq!(p.hub.send_vec(now, cid, data.clone()), cap);
+    p.drive();
+    assert_eq!(p.received(Side::Agent, cid), &data[..cap]);
+
+    // Many full buffers framed: the session keeps a few for reuse, not all of them.
+    let mut p = Pair::connected();
+    let cid = p.open("ldap");
+    p.drive();
+    for i in 0..40u8 {
+        let now = p.now;
+        let chunk = pattern(i, 8192);
+        assert_eq!(p.hub.send_vec(now, cid, chunk), 8192);
+        p.drive();
+    }
+    let mut spares = 0;
+    while p.hub.take_spare_buffer().is_some() {
+        spares += 1;
+    }
+    assert!((1..=16).contains(&spares), "{spares} spare buffers kept");
+}
+
+#[test]
+fn handle_message_bytes_hands_out_slices_of_the_message() {
+    let mut p = Pair::connected_with(
+        Config {
+            max_frame: 4096,
+            ..Config::default()
+        },
+        Config {
+            max_frame: 4096,
+            ..Config::default()
+        },
+    );
+    let cid = p.open("ldap");
+    p.drive();
+    let data = pattern(9, 10_000);
+    p.hold_to_agent = true;
+    assert_eq!(p.send(Side::Hub, cid, &data), data.len());
+    p.drive();
+    let msgs: Vec<Vec<u8>> = p.to_agent.drain(..).collect();
+    assert_eq!(msgs.len(), 1, "one message of three DATA frames");
+    let msg = nowconnect_core::Bytes::from(msgs[0].clone());
+    let now = p.now;
+    p.agent.handle_message_bytes(now, msg.clone());
+    let mut got = Vec::new();
+    let mut events = 0;
+    while let Some(ev) = p.agent.poll_event() {
+        if let Event::Data { cid: c, data } = ev {
+            assert_eq!(c, cid);
+            let range = msg.as_ptr() as usize..msg.as_ptr() as usize + msg.len();
+            assert!(range.contains(&(data.as_ptr() as usize)), "payload copied");
+            got.extend_from_slice(&data);
+            events += 1;
+        }
+    }
+    assert_eq!(events, 3);
+    assert_eq!(got, data);
+    // The slice path copies: same bytes, not inside the message.
+    let mut q = Pair::connected();
+    let cid = q.open("ldap");
+    q.drive();
+    q.hold_to_agent = true;
+    assert_eq!(q.send(Side::Hub, cid, &data), data.len());
+    q.drive();
+    let msg = q.to_agent.pop_front().unwrap();
+    let now = q.now;
+    q.agent.handle_message(now, &msg);
+    let Some(Event::Data { data: copy, .. }) = q.agent.poll_event() else {
+        panic!("no DATA event");
+    };
+    assert_eq!(&copy[..], &data[..]);
+    let range = msg.as_ptr() as usize..msg.as_ptr() as usize + msg.len();
+    assert!(!range.contains(&(copy.as_ptr() as usize)));
+}
