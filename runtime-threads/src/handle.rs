@@ -2,7 +2,7 @@
 //! [`TunnelHandler`] (session events out of it) and, on the agent, [`OpenRequest`].
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,10 @@ pub(crate) struct TunnelStatus {
     pub established: AtomicBool,
     pub draining: AtomicBool,
     pub closed: AtomicBool,
+    /// Turns of the tunnel thread (each after a wake-up, a readable socket or a timer).
+    pub turns: AtomicU64,
+    /// Direct turns socket threads ran instead of waking the tunnel thread.
+    pub direct_turns: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -126,6 +130,16 @@ impl TunnelHandle {
         let _ = self.control(Control::Close(code, reason.to_owned()));
     }
 
+    /// How many turns the tunnel thread ran, and how many direct turns socket threads ran in
+    /// its place (each a hand-off saved): for diagnostics and tests.
+    pub fn turn_counts(&self) -> (u64, u64) {
+        let s = &self.shared.status;
+        (
+            s.turns.load(Ordering::Relaxed),
+            s.direct_turns.load(Ordering::Relaxed),
+        )
+    }
+
     /// Streams open (or opening) on this tunnel, as of the tunnel thread's last turn.
     pub fn active_streams(&self) -> usize {
         self.shared.status.active_streams.load(Ordering::Relaxed)
@@ -164,7 +178,8 @@ pub enum StreamEnd {
     },
 }
 
-/// Session-level events of one tunnel, called **on the tunnel thread**: return quickly and
+/// Session-level events of one tunnel, called with the tunnel's state locked — on the tunnel
+/// thread, or on a socket thread running a direct turn — one call at a time: return quickly and
 /// never block (answer later through the [`TunnelHandle`] if a decision needs I/O). Every
 /// method has a default, so a side implements what concerns it.
 pub trait TunnelHandler: Send + 'static {

@@ -13,7 +13,8 @@
 //!   credit at once — no wake-up, no hand-off, no release command. Whatever the socket does not
 //!   take goes to the inbox as before. The socket thread marks the inbox `writing` while it
 //!   holds unwritten bytes, so the two never interleave.
-//! - socket → tunnel: [`StreamCommand`]s on the bounded queue, plus a wake.
+//! - socket → tunnel: [`StreamCommand`]s, run on this thread as a direct turn when the
+//!   tunnel's state is free ([`TunnelPort::send`]), else on the bounded queue, plus a wake.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};

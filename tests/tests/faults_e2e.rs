@@ -499,23 +499,30 @@ fn backend_dies_mid_stream() {
     for i in 0..10 {
         round_trip(&mut c, &pattern(10_000 + i));
     }
-    // The client keeps sending while the backend dies.
+    // The client keeps sending while the backend dies. The echo server shuts down its write
+    // half before its sockets are reset (FIN, then RST), and the tunnel forwards both in
+    // order: the client may read EOF first; the reset must follow.
     let addr = backend.addr;
     backend.kill();
     let killed = Instant::now();
-    let end = loop {
+    let mut eof = false;
+    let end: std::io::Result<()> = loop {
         if let Err(e) = c.write_all(&pattern(4096)) {
             break Err(e);
         }
-        let mut buf = [0u8; 65536];
-        match c.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(_) => {}
-            Err(e) => break Err(e),
+        if eof {
+            thread::sleep(Duration::from_millis(5));
+        } else {
+            let mut buf = [0u8; 65536];
+            match c.read(&mut buf) {
+                Ok(0) => eof = true,
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            }
         }
         assert!(
             killed.elapsed() < IO_TIMEOUT,
-            "client never saw the backend die"
+            "client never saw the backend die (eof: {eof})"
         );
     };
     assert!(
