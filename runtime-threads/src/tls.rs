@@ -95,6 +95,9 @@ impl Write for Wire {
 pub struct TlsStream {
     conn: Connection,
     wire: Wire,
+    /// The socket is nonblocking (the tunnel's): `read` keeps fetching records until the
+    /// socket has none. Blocking (handshake, upgrade), it stops after the first plaintext.
+    fill: bool,
 }
 
 impl TlsStream {
@@ -127,6 +130,7 @@ impl TlsStream {
                 tcp,
                 deadline: Some(deadline),
             },
+            fill: false,
         };
         while stream.conn.is_handshaking() {
             let (rd, wr) = stream.conn.complete_io(&mut stream.wire)?;
@@ -161,16 +165,39 @@ impl TlsStream {
 impl Read for TlsStream {
     /// Plaintext from the peer. Only ever reads the socket; never writes it. `Ok(0)` is a
     /// clean end (close_notify); a TCP EOF without close_notify is `UnexpectedEof`.
+    ///
+    /// Fills `buf` as far as the socket has records for it, not one record (16 KiB) per call:
+    /// the WebSocket reader zeroes its whole read window before each call, so one record per
+    /// call cost 8× the plaintext in `memset` (measured: 7 % of wss CPU).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut filled = 0;
         loop {
-            match self.conn.reader().read(buf) {
+            match self.conn.reader().read(&mut buf[filled..]) {
+                // Clean end, or `buf` is full.
+                Ok(0) => return Ok(filled),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() || !self.fill {
+                        return Ok(filled);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return r,
+                // The error (EOF without close_notify…) comes back on the next call.
+                Err(_) if filled > 0 => return Ok(filled),
+                Err(e) => return Err(e),
             }
             // No plaintext buffered: fetch more records (returns WouldBlock when none).
             // A 0-byte read (TCP EOF) is noted by rustls; the reader reports it next round.
-            self.conn.read_tls(&mut self.wire)?;
+            match self.conn.read_tls(&mut self.wire) {
+                Ok(_) => {}
+                Err(_) if filled > 0 => return Ok(filled),
+                Err(e) => return Err(e),
+            }
             if let Err(e) = self.conn.process_new_packets() {
+                if filled > 0 {
+                    // Sticky: the next call reports it.
+                    return Ok(filled);
+                }
                 // rustls queued an alert; the tunnel's next flush sends it.
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
@@ -306,6 +333,7 @@ impl Transport {
     pub fn set_nonblocking(&mut self) -> io::Result<()> {
         if let Io::Tls(t) = &mut self.io {
             t.conn.set_buffer_limit(Some(TLS_BUFFER_LIMIT));
+            t.fill = true;
         }
         let wire = self.wire_mut();
         wire.deadline = None;

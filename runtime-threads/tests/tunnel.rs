@@ -720,3 +720,57 @@ fn idle_streams_memory() {
     drop(clients);
     pair.shutdown();
 }
+
+/// Once nonblocking (the tunnel's mode), a TLS transport's read returns every record the
+/// socket has, not one 16 KiB record per call; during the blocking handshake phase it stops
+/// after the first plaintext (it must not wait for data the peer has not sent).
+#[test]
+fn tls_read_fills_the_buffer_from_several_records() {
+    let tls = tls();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tls.server.clone();
+    let sender = thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        let mut t = Transport::tls_server(server, tcp, deadline()).expect("tls accept");
+        // Blocking phase: a short message, answered before more is sent.
+        t.write_all(b"hello").expect("write hello");
+        t.flush().expect("flush");
+        let mut ack = [0u8; 3];
+        t.read_exact(&mut ack).expect("ack");
+        // Four full records, then nothing until the reader confirms.
+        t.write_all(&[7u8; 4 * 16384]).expect("write records");
+        t.flush().expect("flush");
+        t.read_exact(&mut ack).expect("done");
+    });
+    let tcp = TcpStream::connect(addr).expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut t = Transport::tls_client(tls.client, name, tcp, deadline()).expect("tls");
+    let mut buf = vec![0u8; 128 * 1024];
+    let n = t.read(&mut buf).expect("read hello");
+    assert_eq!(&buf[..n], b"hello", "a blocking read returns what has come");
+    t.write_all(b"ack").expect("ack");
+    t.flush().expect("flush");
+    t.set_nonblocking().expect("nonblocking");
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut first = 0;
+    while first == 0 {
+        assert!(Instant::now() < until, "records never arrived");
+        thread::sleep(Duration::from_millis(50));
+        match t.read(&mut buf) {
+            Ok(n) => first = n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    assert_eq!(
+        first,
+        4 * 16384,
+        "one read takes every record the socket holds"
+    );
+    t.write_all(b"end").expect("end");
+    while t.flush().is_err() {
+        thread::sleep(Duration::from_millis(5));
+    }
+    sender.join().expect("sender");
+}
