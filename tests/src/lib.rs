@@ -13,6 +13,7 @@
 //! | TLS | [`TestCa`], [`TlsFiles::localhost`] |
 //! | JWT / JWKS | [`JwtKey`], [`JwtKeys`] |
 //! | an HTTPS JWKS endpoint (IdP) to swap keys in and take down | [`idp::Idp`] |
+//! | a plain TCP echo target | [`echo_server`] |
 //! | servers | [`Slapd`], [`Sshd`], [`Postgres`], [`Tinyproxy`], [`HttpStub`] (plain or TLS) |
 //! | a policy decision point | [`pdp::FakePdp`] (programmable allow/deny/delay/hold/down, request log) |
 //! | hub + agent wired together | [`tunnel::Tunnel`] (configs, keys, token written; started and waited for) |
@@ -52,6 +53,7 @@ pub use proxy::Tinyproxy;
 pub use ssh::Sshd;
 pub use tls::{TestCa, TlsFiles};
 
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
@@ -104,4 +106,22 @@ pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self is owned by the process's effective uid.
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A loopback echo target, one thread per connection; on EOF it shuts down its write half (the
+/// peer's FIN comes back as ours). Health checks that connect and close are shrugged off.
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind(free_addr()).expect("bind echo server");
+    let addr = listener.local_addr().expect("echo server addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
 }

@@ -8,6 +8,7 @@
 //! an OPEN; health checks do not count). Each test also shows the same probes move for an
 //! allowed client, so they can see an OPEN when there is one.
 
+use nowconnect_tests::echo_server;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::thread::JoinHandle;
@@ -31,32 +32,6 @@ const CLOSED_WITHIN: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// An echo server on loopback (one thread per connection; health checks just connect and
-/// close). Lives until the test process ends.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind(free_addr()).expect("bind echo server");
-    let addr = listener.local_addr().expect("echo addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16 * 1024];
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if conn.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// A client socket from `src` (any loopback address: 127.0.0.0/8 is all local on Linux).
 fn connect_from(src: IpAddr, dst: SocketAddr) -> TcpStream {

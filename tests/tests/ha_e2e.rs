@@ -7,6 +7,7 @@
 //! check can hide what it measures) and reconnect backoffs, so the whole file takes seconds; they
 //! are independent and run in parallel.
 
+use nowconnect_tests::echo_server;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -33,24 +34,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A loopback echo server, one thread per connection; on EOF it shuts down its write half.
-/// Health checks connect and close without sending, which it shrugs off.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind(free_addr()).expect("bind echo server");
-    let addr = listener.local_addr().expect("echo server addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            std::thread::spawn(move || {
-                let Ok(mut r) = s.try_clone() else { return };
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 /// An echo server on a fixed address that can be stopped (its port then refuses connections)
 /// and started again.

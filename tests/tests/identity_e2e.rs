@@ -12,8 +12,9 @@
 //! Each test runs its own IdP and hub, so the harness runs them in parallel; the slow ones wait
 //! for the hub's timers (`jwks_refresh` ≥ 10 s, the 30 s unknown-kid rate limit).
 
+use nowconnect_tests::echo_server;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,24 +35,6 @@ const KID_REFRESH_PERIOD: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// An echo server on loopback (each connection on its own thread; lives until the process ends).
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind(free_addr()).expect("bind echo server");
-    let addr = listener.local_addr().expect("echo addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            std::thread::spawn(move || {
-                if let Ok(mut r) = s.try_clone() {
-                    let _ = std::io::copy(&mut r, &mut s);
-                    let _ = s.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// One echo round trip through the hub's connector listener `addr`.
 fn echo_through(addr: SocketAddr) {

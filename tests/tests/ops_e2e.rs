@@ -9,6 +9,7 @@
 //! - the status pages rendered by headless Chromium (DOM and a screenshot that is checked);
 //! - the graceful drain on SIGTERM, hub and agent.
 
+use nowconnect_tests::echo_server;
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -44,14 +45,6 @@ fn serve(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
         }
     });
     addr
-}
-
-fn echo_server() -> SocketAddr {
-    serve(|mut s| {
-        let Ok(mut r) = s.try_clone() else { return };
-        let _ = std::io::copy(&mut r, &mut s);
-        let _ = s.shutdown(Shutdown::Write);
-    })
 }
 
 /// Deterministic payload: byte `i` is `i % 251`.

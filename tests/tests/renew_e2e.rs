@@ -9,8 +9,9 @@
 //!
 //! The tests are independent and run in parallel (~40 s in all).
 
+use nowconnect_tests::echo_server;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,23 +25,6 @@ use nowconnect_tests::*;
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 const CLIENT_ID: &str = "nowconnect-agent-dc1";
 const SECRET: &str = "cc-secret-7f3a9e1d";
-
-/// Echoes everything; on EOF shuts down its write half.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind(free_addr()).expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            std::thread::spawn(move || {
-                let Ok(mut r) = s.try_clone() else { return };
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;

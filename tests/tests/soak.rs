@@ -12,8 +12,9 @@
 //! failures only for operations that overlapped a SIGKILL, and flat RSS and fd counts of the hub
 //! and the steady agent (first quarter vs last quarter).
 
+use nowconnect_tests::echo_server;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -33,24 +34,6 @@ fn env_secs(name: &str, default: u64) -> Duration {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default),
     )
-}
-
-/// Echo server, one thread per connection.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind(free_addr()).expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(s) = conn else { continue };
-            thread::spawn(move || {
-                let Ok(mut r) = s.try_clone() else { return };
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
 }
 
 /// xorshift64* bytes: reproducible pseudo-random payloads.

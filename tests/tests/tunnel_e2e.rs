@@ -4,6 +4,7 @@
 //! One test binary on purpose (link time). Tests that make sense on both transports are written
 //! once as `fn name(Transport)` and instantiated by `over_both!` as `name::ws` / `name::wss`.
 
+use nowconnect_tests::echo_server;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -67,18 +68,6 @@ fn serve(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
         }
     });
     addr
-}
-
-/// Echoes everything; on EOF shuts down its write half (so half-closing clients get it all).
-fn echo_server() -> SocketAddr {
-    serve(|mut s| {
-        let mut r = match s.try_clone() {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        let _ = std::io::copy(&mut r, &mut s);
-        let _ = s.shutdown(Shutdown::Write);
-    })
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
