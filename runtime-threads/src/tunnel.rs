@@ -263,15 +263,15 @@ fn run(shared: &Mutex<TunnelThread>, poll_fd: &TcpStream, waker: &Waker) -> Tunn
             let mut t = lock(shared);
             t.apply(polled);
             if !t.turn() {
+                // Under the same lock: no direct turn runs on a closed session.
+                t.ended = true;
                 break;
             }
             t.poll_params()
         };
         polled = wait(poll_fd, waker, &params);
     }
-    let mut t = lock(shared);
-    t.ended = true;
-    t.finish()
+    lock(shared).finish()
 }
 
 /// Sleep until the socket or the waker is ready, or the timeout.
