@@ -321,7 +321,10 @@ fn hub_restart_reconnects_with_jittered_backoff() {
     let mut c = connect(tunnel.connector("echo"));
     round_trip(&mut c, b"after the hub restart");
 
-    // Reconnect times, from the restarted hub's log: all different and spread out.
+    // Reconnect times, from the restarted hub's log: spread out, not one burst. Two
+    // tunnels can still come up in the same millisecond (seen once in CI, e.g. two retries
+    // queued in the listen backlog while the hub was starting), so the check is that no
+    // three coincide, not that all four differ.
     let mut times: Vec<u64> = log_records(&tunnel.hub_log())
         .iter()
         .filter(|r| r["msg"] == "tunnel up")
@@ -332,7 +335,7 @@ fn hub_restart_reconnects_with_jittered_backoff() {
     let spread = times[TUNNELS - 1] - times[0];
     eprintln!("[hub restart] reconnect times (ms of day) {times:?}, spread {spread} ms");
     assert!(
-        times.windows(2).all(|w| w[1] > w[0]) && spread >= 100,
+        times.windows(3).all(|w| w[2] > w[0]) && spread >= 100,
         "tunnels reconnected together (no jitter): {times:?}"
     );
     // Backoff: reconnect.initial 500ms doubling to 4s with full jitter averages ≤ 2 s per
