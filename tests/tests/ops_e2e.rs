@@ -160,59 +160,6 @@ fn wrong_audience_token(tunnel: &Tunnel, jti: &str) -> String {
 // Metrics
 // ---------------------------------------------------------------------------------------------
 
-/// operations.md: from the shared spec when it is next to the repository (or in
-/// `NOWCONNECT_SPEC_DIR`), else the copy of its metric section below.
-fn operations_md() -> String {
-    let root = workspace_root();
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(dir) = std::env::var_os("NOWCONNECT_SPEC_DIR") {
-        candidates.push(PathBuf::from(dir).join("operations.md"));
-    }
-    candidates.push(root.join("spec/operations.md"));
-    candidates.push(root.join("docs/spec/operations.md"));
-    candidates.push(root.join("../shared/spec/operations.md"));
-    for c in &candidates {
-        if let Ok(text) = std::fs::read_to_string(c) {
-            return text;
-        }
-    }
-    eprintln!("[ops] operations.md not found ({candidates:?}); using the built-in copy");
-    OPERATIONS_METRICS.to_owned()
-}
-
-/// The "Prometheus metrics" section of operations.md, for checkouts without the spec.
-const OPERATIONS_METRICS: &str = "\
-## Prometheus metrics (`GET /metrics`, text exposition format 0.0.4)
-
-Hub:
-- `nowconnect_tunnels_active` gauge
-- `nowconnect_tunnel_handshakes_total{result}` counter — `ok`, `unauthorized`, `forbidden`, `bad_request`, `version`, `overloaded`
-- `nowconnect_agents_connected{agent_id}` gauge (tunnels per agent)
-- `nowconnect_connector_available{connector}` gauge — 1 when a healthy session serves it
-- `nowconnect_streams_active{connector}` gauge
-- `nowconnect_streams_opened_total{connector}` counter
-- `nowconnect_streams_closed_total{connector,reason}` counter — `normal`, `reset`, `idle_timeout`, `tunnel_lost`, `shutdown`
-- `nowconnect_stream_open_failures_total{connector,reason}` counter — `no_agent`, `denied`, `client_not_allowed`, `connect_refused`, `connect_timeout`, `no_healthy_backend`, `timeout`, `refused_stream`
-- `nowconnect_bytes_total{connector,direction}` counter — `c2a`, `a2c`
-- `nowconnect_open_duration_seconds{connector}` histogram — client accept to OPEN_OK
-- `nowconnect_pdp_requests_total{result}` counter — `allow`, `deny`, `error`, `cached_allow`, `cached_deny`
-- `nowconnect_pdp_duration_seconds` histogram
-- `nowconnect_jwks_refresh_total{result}` counter — `ok`, `error`
-- `nowconnect_protocol_errors_total{kind}` counter
-
-Agent:
-- `nowconnect_agent_tunnels_up` gauge
-- `nowconnect_agent_connects_total{result}` counter — `ok`, `unauthorized`, `forbidden`, `proxy_error`, `tls_error`, `network_error`
-- `nowconnect_agent_backend_up{connector,backend}` gauge
-- `nowconnect_agent_backend_connect_duration_seconds{connector}` histogram
-- `nowconnect_agent_streams_active{connector}` gauge
-- `nowconnect_agent_bytes_total{connector,direction}` counter
-- `nowconnect_agent_token_expiry_seconds` gauge — seconds until the current token expires
-
-Both: `nowconnect_build_info{version}` gauge = 1, and process metrics where cheap
-(`process_resident_memory_bytes`, `process_open_fds`, `process_threads`).
-";
-
 /// Every spec metric of `side` (and `Both`) is exported with its type and a HELP line; every
 /// series has exactly the spec's label names (plus `le` on buckets), only the values the spec
 /// enumerates, and no label value naming a client address; no `nowconnect_*` family outside
@@ -324,12 +271,12 @@ fn metrics_follow_the_spec_and_count_exactly() {
             &["health_check: {interval: 1h, timeout: 2s}"],
         )
         .start();
-    let spec = prom::spec_metrics(&operations_md());
+    let spec = prom::spec_metrics(&prom::operations_md());
     // The built-in copy (for checkouts without the spec) must not drift from the spec.
     assert_eq!(
-        prom::spec_metrics(OPERATIONS_METRICS),
+        prom::spec_metrics(prom::OPERATIONS_METRICS),
         spec,
-        "OPERATIONS_METRICS in ops_e2e.rs differs from operations.md: update the copy"
+        "OPERATIONS_METRICS in tests/src/prom.rs differs from operations.md: update the copy"
     );
     assert!(
         spec.len() >= 20,
