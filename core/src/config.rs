@@ -16,6 +16,11 @@ pub struct Config {
     pub max_window: u32,
     /// Budget for the sum of all streams' receive windows beyond their initial window.
     pub max_buffered: u64,
+    /// Most bytes one stream may hold accepted but not yet framed, whatever its credit. Credit
+    /// bounds what is in flight; this bounds what waits in our own memory for the tunnel, so
+    /// a stream with a large auto-tuned window does not park megabytes behind a busy tunnel
+    /// (the driver reads from its socket again as the queue drains).
+    pub max_unsent: u32,
     /// Largest DATA payload. The hub advertises it; the agent adopts HELLO_ACK's value.
     pub max_frame: u32,
     /// Largest WebSocket message accepted and produced.
@@ -40,6 +45,7 @@ impl Default for Config {
             window: 256 * 1024,
             max_window: 16 * 1024 * 1024,
             max_buffered: 256 * 1024 * 1024,
+            max_unsent: 256 * 1024,
             max_frame: DEFAULT_MAX_FRAME,
             max_message: DEFAULT_MAX_MESSAGE,
             max_streams: 10_000,

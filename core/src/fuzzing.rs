@@ -152,6 +152,7 @@ fn config(tight: bool) -> Config {
         window: 64,
         max_window: 256,
         max_buffered: 512,
+        max_unsent: 48,
         max_frame: 16,
         max_message: 1024,
         max_streams: 4,

@@ -248,6 +248,12 @@ impl Session {
         }
     }
 
+    /// The credit the peer has granted on `cid` and we have not used (`send_capacity` is this,
+    /// capped by `Config::max_unsent`, less what is queued).
+    pub fn send_credit(&self, cid: u32) -> Option<u64> {
+        self.streams.get(&cid).map(|s| s.tx.credit)
+    }
+
     /// The receive window currently granted on `cid` (grows with auto-tuning).
     pub fn recv_window(&self, cid: u32) -> Option<u64> {
         self.streams.get(&cid).map(|s| s.rx.window)
@@ -559,6 +565,7 @@ impl Session {
             Phase::Opening,
             self.peer_window,
             self.config.window,
+            self.config.max_unsent,
             self.config.idle_timeout,
         );
         self.streams.insert(cid, s);
@@ -747,6 +754,7 @@ impl Session {
             Phase::Opening,
             self.peer_window,
             self.config.window,
+            self.config.max_unsent,
             idle_timeout,
         );
         self.streams.insert(cid, s);
@@ -856,9 +864,9 @@ impl Session {
             return 0;
         };
         let n = cap.min(len);
-        if n < len {
-            s.tx.blocked = true;
-        }
+        // Refused bytes: tell the driver when there is room again. Taken whole: whatever an
+        // earlier refusal said is stale.
+        s.tx.blocked = n < len;
         n
     }
 
@@ -1034,6 +1042,16 @@ impl Session {
                 s.tx.buf.take_into(out, n, &mut self.spare);
                 s.tx.seq = s.tx.seq.wrapping_add(1);
                 s.tx.credit -= n as u64;
+                // A driver stopped by a full queue (not by credit) may read again once half
+                // the queue is out: not after every frame, so its reads stay large.
+                if s.tx.blocked
+                    && !s.tx.fin_queued
+                    && s.tx.capacity() > 0
+                    && (s.tx.buf.is_empty() || s.tx.buf.len() as u64 <= s.tx.limit / 2)
+                {
+                    s.tx.blocked = false;
+                    self.events.push_back(Event::Writable { cid });
+                }
             }
             if s.tx.buf.is_empty() && s.tx.fin_queued && !s.tx.fin_sent {
                 if out.len() + HEADER_LEN + 1 > limit {

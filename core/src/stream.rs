@@ -117,8 +117,10 @@ pub(crate) struct SendHalf {
     /// `finish` was called: FIN goes out after `buf` drains.
     pub fin_queued: bool,
     pub fin_sent: bool,
-    /// The driver saw zero capacity; tell it when credit returns.
+    /// The driver saw zero capacity; tell it when credit returns or the queue drains.
     pub blocked: bool,
+    /// Most bytes `buf` may hold (`Config::max_unsent`).
+    pub limit: u64,
 }
 
 impl SendHalf {
@@ -127,7 +129,10 @@ impl SendHalf {
         if self.fin_queued {
             return 0;
         }
-        let free = self.credit.saturating_sub(self.buf.len() as u64);
+        let free = self
+            .credit
+            .min(self.limit)
+            .saturating_sub(self.buf.len() as u64);
         usize::try_from(free).unwrap_or(usize::MAX)
     }
 
@@ -177,6 +182,7 @@ impl Stream {
         phase: Phase,
         send_credit: u32,
         recv_window: u32,
+        max_unsent: u32,
         idle: Option<Duration>,
     ) -> Self {
         Stream {
@@ -191,6 +197,7 @@ impl Stream {
                 fin_queued: false,
                 fin_sent: false,
                 blocked: false,
+                limit: u64::from(max_unsent.max(1)),
             },
             rx: RecvHalf {
                 seq: 0,

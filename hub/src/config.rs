@@ -254,6 +254,7 @@ impl Limits {
             heartbeat: self.heartbeat,
             shutdown_grace: self.shutdown_grace,
             idle_timeout: Some(Duration::from_secs(3600)),
+            ..nowconnect_core::Config::default()
         }
     }
 

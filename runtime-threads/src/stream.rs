@@ -21,7 +21,7 @@ use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -140,8 +140,8 @@ fn socket_worker(id: u64, mut job: Job, tx: &Sender<(String, Job)>, rx: &Receive
     }
 }
 
-/// Read buffers (capacity [`MAX_READ`]) going round between a tunnel's socket threads, which
-/// read into them and hand them over whole, and its tunnel thread, which gets them back from
+/// Read buffers (capacity [`MAX_READ`]) going round between socket threads, which
+/// read into them and hand them over whole, and tunnel threads, which get them back from
 /// the session once framed. Recycling them keeps bulk reads off the allocator, which
 /// otherwise returns freed 64 KiB buffers to the kernel and faults fresh pages in per read.
 #[derive(Debug, Default)]
@@ -149,10 +149,19 @@ pub(crate) struct BufPool {
     bufs: Mutex<Vec<Vec<u8>>>,
 }
 
-/// Buffers a pool keeps (1 MiB of 64 KiB buffers); more are freed.
-const POOL_BUFFERS: usize = 16;
+/// Buffers the pool keeps (4 MiB of 64 KiB buffers); more are freed. One pool serves every
+/// tunnel of the process, so this is the most it holds after a burst, however many tunnels.
+/// Bulk streams keep up to `max_unsent` (256 KiB, 4 buffers) each in flight: 64 buffers
+/// cover 16 busy streams without a page fault per read.
+const POOL_BUFFERS: usize = 64;
 
 impl BufPool {
+    /// The process's pool.
+    pub fn shared() -> Arc<BufPool> {
+        static POOL: OnceLock<Arc<BufPool>> = OnceLock::new();
+        POOL.get_or_init(Arc::default).clone()
+    }
+
     /// An empty buffer with room for a full read.
     fn get(&self) -> Vec<u8> {
         let spare = self

@@ -90,7 +90,7 @@ impl Tunnel {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (stream_tx, stream_rx) = crossbeam_channel::bounded(STREAM_QUEUE);
         let status = Arc::new(TunnelStatus::default());
-        let pool = Arc::new(BufPool::default());
+        let pool = BufPool::shared();
         // A second descriptor of the WebSocket's socket: the thread polls it without holding
         // the lock on its state.
         let poll_fd = ws.get_ref().tcp().try_clone()?;

@@ -572,7 +572,7 @@ fn window_overflow_is_flow_control_error() {
     let mut p = Pair::connected();
     let cid = p.open("ldap");
     p.drive();
-    let initial = p.hub.send_capacity(cid) as u32;
+    let initial = p.hub.send_credit(cid).unwrap() as u32;
     // Up to exactly 2^31−1 is fine.
     p.inject(
         Side::Agent,
@@ -583,7 +583,7 @@ fn window_overflow_is_flow_control_error() {
     );
     p.drive();
     assert!(resets(&p.hub_end, cid).is_empty());
-    assert_eq!(p.hub.send_capacity(cid), MAX_CREDIT as usize);
+    assert_eq!(p.hub.send_credit(cid), Some(u64::from(MAX_CREDIT)));
     // One more is an overflow.
     p.inject(Side::Agent, &Frame::Window { cid, increment: 1 });
     p.drive();
@@ -800,6 +800,45 @@ fn credit_exhaustion_and_resume() {
     p.drive();
     assert_eq!(p.received(Side::Hub, cid), &data[..]);
     assert!(saw_stream_closed(&p.hub_end, cid));
+}
+
+/// A large window is credit, not a licence to queue: what a stream holds unframed is capped
+/// by `max_unsent`, and a driver refused for a full queue hears `Writable` once half of it
+/// is out — without any WINDOW from the peer.
+#[test]
+fn unsent_bytes_are_capped_and_draining_makes_the_stream_writable() {
+    let hub = Config {
+        max_unsent: 64 * 1024,
+        ..Config::default()
+    };
+    let agent = Config {
+        window: 4 * 1024 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::connected_with(hub, agent);
+    let cid = p.open("ldap");
+    p.drive();
+    assert_eq!(p.hub.send_credit(cid), Some(4 * 1024 * 1024));
+    assert_eq!(p.hub.send_capacity(cid), 64 * 1024);
+    let data = pattern(14, 1024 * 1024);
+    assert_eq!(p.send(Side::Hub, cid, &data), 64 * 1024);
+    assert_eq!(p.send(Side::Hub, cid, &data[64 * 1024..]), 0, "queue full");
+    p.hub_end.events.clear();
+    // One message out (no WINDOW can come back: the agent's window is far from half used).
+    let mut m = Vec::new();
+    assert!(p.hub.poll_transmit(p.now, &mut m));
+    assert!(p.hub_end.events.is_empty());
+    let writable = std::iter::from_fn(|| p.hub.poll_event())
+        .any(|e| matches!(e, Event::Writable { cid: c } if c == cid));
+    assert!(writable, "no Writable after the queue drained");
+    assert_eq!(p.hub.send_capacity(cid), 64 * 1024);
+    p.to_agent.push_back(m);
+    p.send_all(Side::Hub, cid, &data[64 * 1024..]);
+    p.finish(Side::Hub, cid);
+    p.finish(Side::Agent, cid);
+    p.drive();
+    assert_eq!(p.received(Side::Agent, cid), &data[..]);
+    assert!(saw_stream_closed(&p.agent_end, cid));
 }
 
 #[test]
@@ -1568,7 +1607,7 @@ fn advertised_window_above_max_credit_is_rejected() {
     assert!(agent.is_established());
     agent.handle_message(t(1), &open_frame(1));
     agent.accept_stream(t(1), 1, "");
-    assert_eq!(agent.send_capacity(1), MAX_CREDIT as usize);
+    assert_eq!(agent.send_credit(1), Some(u64::from(MAX_CREDIT)));
     agent.check_invariants().unwrap();
 }
 
