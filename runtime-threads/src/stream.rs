@@ -25,8 +25,6 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
-
 use nowconnect_core::Code;
 use rustix::event::{poll, PollFd, PollFlags};
 
@@ -55,11 +53,16 @@ const PARKED_NAME: &CStr = c"nc-parked";
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// A socket thread waiting for its next stream: the sending end of its job slot (the stream's
-/// thread name, and what to run).
+/// Where a parked socket thread finds its next stream: the thread name and what to run.
+type Slot = Mutex<Option<(String, Job)>>;
+
+/// A socket thread waiting for its next stream. It is woken with `unpark`, a futex wake: a
+/// channel's receive would spin and `sched_yield` first, which under connection churn cost
+/// more than the hand-off itself.
 struct Parked {
     id: u64,
-    slot: Sender<(String, Job)>,
+    thread: thread::Thread,
+    slot: Arc<Slot>,
 }
 
 /// Socket threads that finished a stream and wait for another.
@@ -68,6 +71,10 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn parked() -> std::sync::MutexGuard<'static, Vec<Parked>> {
     PARKED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn take_job(slot: &Slot) -> Option<(String, Job)> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
 /// Run `f` on a socket thread named `name`, with the small stack socket threads use: one that
@@ -80,30 +87,24 @@ pub fn spawn_stream_thread<F>(name: String, f: F) -> io::Result<()>
 where
     F: FnOnce() + Send + 'static,
 {
-    let mut job: (String, Job) = (name, Box::new(f));
-    loop {
-        let Some(worker) = parked().pop() else {
-            break;
-        };
-        // A parked thread leaves the list before it exits, so the send only fails if it
-        // died some other way; then try the next one.
-        match worker.slot.send(job) {
-            Ok(()) => return Ok(()),
-            Err(e) => job = e.into_inner(),
-        }
+    // Off the list means it is ours: a parked thread that times out only exits if it can
+    // still remove itself, otherwise it waits for the job on its way.
+    if let Some(worker) = parked().pop() {
+        *worker.slot.lock().unwrap_or_else(PoisonError::into_inner) = Some((name, Box::new(f)));
+        worker.thread.unpark();
+        return Ok(());
     }
-    let (name, job) = job;
-    let (tx, rx) = crossbeam_channel::bounded(1);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     thread::Builder::new()
         .name(name)
         .stack_size(STREAM_STACK_SIZE)
-        .spawn(move || socket_worker(id, job, &tx, &rx))
+        .spawn(move || socket_worker(id, Box::new(f)))
         .map(drop)
 }
 
 /// A socket thread: run the job, then wait up to [`PARKED_FOR`] for the next one.
-fn socket_worker(id: u64, mut job: Job, tx: &Sender<(String, Job)>, rx: &Receiver<(String, Job)>) {
+fn socket_worker(id: u64, mut job: Job) {
+    let slot: Arc<Slot> = Arc::default();
     loop {
         job();
         {
@@ -114,23 +115,29 @@ fn socket_worker(id: u64, mut job: Job, tx: &Sender<(String, Job)>, rx: &Receive
             let _ = rustix::thread::set_name(PARKED_NAME);
             parked.push(Parked {
                 id,
-                slot: tx.clone(),
+                thread: thread::current(),
+                slot: slot.clone(),
             });
         }
-        let next = match rx.recv_timeout(PARKED_FOR) {
-            Ok(next) => next,
-            Err(_) => {
+        let deadline = std::time::Instant::now() + PARKED_FOR;
+        let mut on_its_way = false;
+        let next = loop {
+            if let Some(next) = take_job(&slot) {
+                break next;
+            }
+            let now = std::time::Instant::now();
+            if on_its_way {
+                thread::park();
+            } else if now < deadline {
+                thread::park_timeout(deadline - now);
+            } else {
                 let mut parked = parked();
                 if let Some(pos) = parked.iter().position(|p| p.id == id) {
                     parked.swap_remove(pos);
                     return;
                 }
-                drop(parked);
                 // Taken off the list just now: its job is on the way.
-                match rx.recv() {
-                    Ok(next) => next,
-                    Err(_) => return,
-                }
+                on_its_way = true;
             }
         };
         if let Ok(name) = CString::new(next.0) {
