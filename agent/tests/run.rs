@@ -264,7 +264,13 @@ impl TestHub {
         let client = TcpStream::connect(self.clients.local_addr().expect("a")).expect("client");
         let (accepted, peer) = self.clients.accept().expect("accept");
         self.tunnel(i)
-            .open_stream(accepted, connector, &peer.to_string(), None)
+            .open_stream(
+                accepted,
+                connector,
+                &peer.to_string(),
+                None,
+                std::time::Instant::now(),
+            )
             .expect("tunnel alive");
         client
     }

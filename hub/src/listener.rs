@@ -137,6 +137,8 @@ fn on_client(
     client: TcpStream,
     addr: SocketAddr,
 ) {
+    // nowconnect_open_duration_seconds runs from here: routing and the PDP included.
+    let accepted = Instant::now();
     let conn = &state.cfg.connectors[index];
     let addr = canonical(addr);
     let peer = addr.to_string();
@@ -144,13 +146,14 @@ fn on_client(
         return refuse(state, conn, client, &peer, OpenFailure::ClientNotAllowed);
     }
     let Some(pdp) = &state.pdp else {
-        return route(state, conn, client, &peer, ROUTE_ATTEMPTS);
+        return route(state, conn, client, &peer, ROUTE_ATTEMPTS, accepted);
     };
     let open = Opening {
         index,
         ip: addr.ip(),
         peer,
         listener: listener.to_owned(),
+        accepted,
     };
     // Cached decisions are applied here; a miss comes back for a PDP call off this thread.
     let Some(wait) = authorize_and_route(state, pdp, &open, client, ROUTE_ATTEMPTS, None, false)
@@ -202,6 +205,8 @@ struct Opening {
     peer: String,
     /// The connector listener's bound address (the PDP's `listener`).
     listener: String,
+    /// When the client was accepted.
+    accepted: Instant,
 }
 
 /// A session picked for a stream, with what the PDP is told about it.
@@ -293,10 +298,13 @@ fn authorize_and_route(
             refuse(state, conn, client, &open.peer, OpenFailure::Denied);
             return None;
         }
-        match session
-            .tunnel
-            .open_stream(client, &conn.name, &open.peer, conn.idle_timeout)
-        {
+        match session.tunnel.open_stream(
+            client,
+            &conn.name,
+            &open.peer,
+            conn.idle_timeout,
+            open.accepted,
+        ) {
             Ok(()) => return None,
             Err(c) => {
                 // That tunnel has ended; its handler removes it from the pool shortly.
@@ -388,13 +396,14 @@ pub(crate) fn route(
     client: TcpStream,
     peer: &str,
     attempts: u32,
+    accepted: Instant,
 ) {
     let mut client = client;
     for _ in 0..attempts {
         let Some((id, tunnel)) = state.pools.pick(&conn.name) else {
             break;
         };
-        match tunnel.open_stream(client, &conn.name, peer, conn.idle_timeout) {
+        match tunnel.open_stream(client, &conn.name, peer, conn.idle_timeout, accepted) {
             Ok(()) => return,
             Err(c) => {
                 // That tunnel has ended; its handler removes it from the pool shortly.

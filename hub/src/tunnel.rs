@@ -342,7 +342,13 @@ impl TunnelHandler for HubTunnel {
         );
     }
 
-    fn on_open_failed(&mut self, client: TcpStream, connector: &str, error: OpenError) {
+    fn on_open_failed(
+        &mut self,
+        client: TcpStream,
+        connector: &str,
+        error: OpenError,
+        accepted: Instant,
+    ) {
         let Some(conn) = self
             .state
             .cfg
@@ -372,12 +378,12 @@ impl TunnelHandler for HubTunnel {
                     .peer_addr()
                     .map(listener::peer_string)
                     .unwrap_or_default();
-                listener::route(&self.state, conn, client, &peer, 1);
+                listener::route(&self.state, conn, client, &peer, 1, accepted);
             }
         }
     }
 
-    fn on_stream_opening(&mut self, cid: u32, connector: &str, peer: &str) {
+    fn on_stream_opening(&mut self, cid: u32, connector: &str, peer: &str, accepted: Instant) {
         let m = &self.state.metrics;
         m.inc(metrics::STREAMS_OPENED, &[connector]);
         m.add(metrics::STREAMS_ACTIVE, &[connector], 1.0);
@@ -386,7 +392,7 @@ impl TunnelHandler for HubTunnel {
             StreamInfo {
                 connector: connector.to_owned(),
                 peer: peer.to_owned(),
-                started: Instant::now(),
+                started: accepted,
                 backend: None,
                 bytes: (0, 0),
             },

@@ -9,7 +9,7 @@
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{SendError, Sender};
 use nowconnect_core::{Code, HealthReport, HelloAck};
@@ -56,6 +56,8 @@ pub(crate) enum Control {
         connector: String,
         peer: String,
         idle_timeout: Option<Duration>,
+        /// When the hub accepted the client (the open latency runs from here).
+        accepted: Instant,
     },
     /// Agent: refuse an OPEN (RST).
     Refuse {

@@ -4,7 +4,7 @@
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use nowconnect_core::{Code, HealthReport, Hello, HelloAck, OpenError};
@@ -75,7 +75,8 @@ impl TunnelHandle {
     }
 
     /// Hub: carry an accepted `client` over a new stream of `connector` (`peer`: the client's
-    /// `ip:port`). The tunnel thread opens the stream and starts the client's socket thread;
+    /// `ip:port`; `accepted`: when the client was accepted, handed back to the handler so the
+    /// open latency includes routing and authorization). The tunnel thread opens the stream and starts the client's socket thread;
     /// if the session refuses (draining, too many streams…),
     /// [`TunnelHandler::on_open_failed`] gets the client back. `Err` returns the client at
     /// once when the tunnel has already ended, so the caller can route it elsewhere.
@@ -85,12 +86,14 @@ impl TunnelHandle {
         connector: &str,
         peer: &str,
         idle_timeout: Option<Duration>,
+        accepted: Instant,
     ) -> Result<(), TcpStream> {
         let cmd = Control::Open {
             client,
             connector: connector.to_owned(),
             peer: peer.to_owned(),
             idle_timeout,
+            accepted,
         };
         match self.control(cmd) {
             Ok(()) => Ok(()),
@@ -204,15 +207,23 @@ pub trait TunnelHandler: Send + 'static {
 
     /// Hub: the session could not open a stream for `client`. Default: close it abortively
     /// (§10); a router may instead try another tunnel.
-    fn on_open_failed(&mut self, client: TcpStream, connector: &str, error: OpenError) {
+    fn on_open_failed(
+        &mut self,
+        client: TcpStream,
+        connector: &str,
+        error: OpenError,
+        accepted: Instant,
+    ) {
+        let _ = accepted;
         log::debug!("open for connector {connector} refused: {error}");
         sockopt::abort(client);
     }
 
     /// Hub: a client handed to [`TunnelHandle::open_stream`] got stream `cid` (OPEN queued).
     /// Every such stream later ends in [`on_stream_closed`](Self::on_stream_closed).
-    fn on_stream_opening(&mut self, cid: u32, connector: &str, peer: &str) {
-        let _ = (cid, connector, peer);
+    /// `accepted` is the instant given to `open_stream`.
+    fn on_stream_opening(&mut self, cid: u32, connector: &str, peer: &str, accepted: Instant) {
+        let _ = (cid, connector, peer, accepted);
     }
 
     /// Hub: the agent connected the target (OPEN_OK).

@@ -386,7 +386,8 @@ impl TunnelThread {
                     connector,
                     peer,
                     idle_timeout,
-                } => self.open_stream(now, client, &connector, &peer, idle_timeout),
+                    accepted,
+                } => self.open_stream(now, client, &connector, &peer, idle_timeout, accepted),
                 Control::Refuse { cid, code, reason } => {
                     if self.pending_opens.remove(&cid) {
                         self.session.reset(now, cid, code, &reason);
@@ -418,12 +419,14 @@ impl TunnelThread {
         connector: &str,
         peer: &str,
         idle_timeout: Option<Duration>,
+        accepted: StdInstant,
     ) {
         let cid = match self.session.open(now, connector, peer, idle_timeout) {
             Ok(cid) => cid,
-            Err(e) => return self.handler.on_open_failed(client, connector, e),
+            Err(e) => return self.handler.on_open_failed(client, connector, e, accepted),
         };
-        self.handler.on_stream_opening(cid, connector, peer);
+        self.handler
+            .on_stream_opening(cid, connector, peer, accepted);
         let link = match StreamLink::new(cid) {
             Ok(link) => link,
             Err(e) => {
@@ -812,11 +815,18 @@ impl TunnelThread {
     fn refuse_queued_opens(&mut self) {
         while let Ok(cmd) = self.control_rx.try_recv() {
             if let Control::Open {
-                client, connector, ..
+                client,
+                connector,
+                accepted,
+                ..
             } = cmd
             {
-                self.handler
-                    .on_open_failed(client, &connector, nowconnect_core::OpenError::Closed);
+                self.handler.on_open_failed(
+                    client,
+                    &connector,
+                    nowconnect_core::OpenError::Closed,
+                    accepted,
+                );
             }
         }
     }

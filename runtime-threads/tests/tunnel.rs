@@ -214,7 +214,13 @@ impl Pair {
         let (accepted, peer) = self.clients.accept().expect("accept client");
         self.hub
             .handle()
-            .open_stream(accepted, connector, &peer.to_string(), None)
+            .open_stream(
+                accepted,
+                connector,
+                &peer.to_string(),
+                None,
+                std::time::Instant::now(),
+            )
             .expect("tunnel alive");
         client
     }

@@ -236,6 +236,33 @@ fn pdp_allow_sends_the_documented_request_and_caches_it() {
     assert_eq!(pdp_result(&t, "cached_allow"), 1.0);
 }
 
+/// operations.md: `nowconnect_open_duration_seconds` runs from client accept to OPEN_OK, so
+/// the wait for the PDP is part of it (a slow PDP shows up where operators look for open
+/// latency).
+#[test]
+fn open_duration_includes_the_pdp_wait() {
+    const PDP_DELAY: Duration = Duration::from_millis(400);
+    let target = echo_server();
+    let pdp = FakePdp::start(Answer::allow().delayed(PDP_DELAY));
+    let t = Tunnel::builder(Transport::Ws)
+        .connector("echo", &[target])
+        .hub_yaml(&pdp.authz_yaml("5s", "8s", "deny"))
+        .start();
+    let mut c = connect(t.connector("echo"));
+    assert_echo(&mut c, b"after a slow PDP", &t);
+    let labels = [("connector", "echo")];
+    assert_eq!(
+        hub_metric(&t, "nowconnect_open_duration_seconds_count", &labels),
+        1.0
+    );
+    let open = hub_metric(&t, "nowconnect_open_duration_seconds_sum", &labels);
+    let pdp_wait = hub_metric(&t, "nowconnect_pdp_duration_seconds_sum", &[]);
+    assert!(
+        pdp_wait >= PDP_DELAY.as_secs_f64() && open >= pdp_wait,
+        "open took {open} s, the PDP {pdp_wait} s: the open latency must include the PDP"
+    );
+}
+
 /// PDP denies: the client is closed at once, no OPEN reaches the agent, the denial is counted
 /// once per client; a cached deny is applied without a call.
 #[test]
