@@ -15,7 +15,8 @@ use nowconnect_core::{Hello, HelloAck, Side};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::HeaderValue;
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::Frame as WsFrame;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
@@ -44,6 +45,8 @@ pub struct RawPeer {
     far: Side,
     /// Answer the far side's PING frames with PONG while receiving (default on).
     pub auto_pong: bool,
+    /// Payloads of the WebSocket pongs received so far.
+    pub ws_pongs: Vec<Vec<u8>>,
     closed: bool,
 }
 
@@ -81,6 +84,7 @@ impl RawPeer {
             ws,
             far: Side::Hub,
             auto_pong: true,
+            ws_pongs: Vec::new(),
             closed: false,
         })
     }
@@ -118,6 +122,31 @@ impl RawPeer {
     /// Sends `bytes` as one binary message, as is.
     pub fn send_raw(&mut self, bytes: Vec<u8>) {
         let _ = self.ws.send(Message::binary(bytes));
+    }
+
+    /// Encodes `frames` into one binary message and sends it as `pieces` WebSocket frames
+    /// (a first frame and continuations), as an intermediary may re-fragment it.
+    pub fn send_fragmented(&mut self, frames: &[Frame<'_>], pieces: usize) {
+        let mut out = Vec::new();
+        for f in frames {
+            f.encode(&mut out);
+        }
+        let size = out.len().div_ceil(pieces.max(1));
+        let chunks: Vec<&[u8]> = out.chunks(size.max(1)).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let opcode = if i == 0 {
+                OpCode::Data(Data::Binary)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let frame = WsFrame::message(chunk.to_vec(), opcode, i + 1 == chunks.len());
+            let _ = self.ws.send(Message::Frame(frame));
+        }
+    }
+
+    /// Sends a WebSocket ping (as a load balancer or proxy might).
+    pub fn send_ws_ping(&mut self, payload: &[u8]) {
+        let _ = self.ws.send(Message::Ping(payload.to_vec().into()));
     }
 
     /// Sends a text message (a protocol error, §1).
@@ -163,7 +192,8 @@ impl RawPeer {
                     let _ = self.ws.get_mut().shutdown(std::net::Shutdown::Both);
                     return Received::Closed(code, reason);
                 }
-                Ok(_) => continue, // WebSocket ping/pong: tungstenite answers pings itself
+                Ok(Message::Pong(p)) => self.ws_pongs.push(p.to_vec()),
+                Ok(_) => continue, // WebSocket ping: tungstenite answers it itself
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {
@@ -314,6 +344,7 @@ impl RogueHub {
             ws,
             far: Side::Agent,
             auto_pong: true,
+            ws_pongs: Vec::new(),
             closed: false,
         })
     }

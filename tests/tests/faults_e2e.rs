@@ -1102,6 +1102,66 @@ fn handshake_flood_is_dropped_and_a_real_agent_gets_in() {
 // Abuse: a rogue agent, a rogue hub
 // ---------------------------------------------------------------------------------------------
 
+/// RFC 6455 behaviour the hub's own frame reader must keep (it replaced tungstenite's): a
+/// WebSocket ping, as a load balancer sends, is answered with its payload; a message split
+/// into several frames, as an intermediary may re-fragment it, is one message; neither
+/// disturbs the session, which still opens and carries a stream afterwards.
+#[test]
+fn websocket_pings_and_fragmented_messages_are_handled() {
+    let tunnel = Tunnel::builder(Transport::Ws)
+        .connector("rogue", &["127.0.0.1:9"])
+        .without_agent()
+        .start();
+    let token = tunnel.valid_token("frag-agent");
+    let mut p = RawPeer::connect_agent(tunnel.hub_listen, TUNNEL_PATH, &token)
+        .unwrap_or_else(|e| panic!("upgrade: {e}"));
+    p.hello(&rogue_hello("frag-agent", &["rogue"]))
+        .unwrap_or_else(|e| panic!("HELLO: {e}"));
+
+    p.send_ws_ping(b"lb-probe");
+    // The protocol's own PING, in three WebSocket frames.
+    p.send_fragmented(&[Frame::Ping { opaque: 0xF7A6 }], 3);
+    let pong = p.expect_frame(IO_TIMEOUT, |f| match f {
+        Frame::Pong { opaque } => Some(*opaque),
+        _ => None,
+    });
+    assert_eq!(
+        pong,
+        Ok(0xF7A6),
+        "fragmented PING not answered\n{}",
+        tunnel.logs()
+    );
+    assert_eq!(
+        p.ws_pongs,
+        [b"lb-probe".to_vec()],
+        "WebSocket ping not answered"
+    );
+
+    // Still a working session: a client's stream opens over it and carries bytes.
+    let mut client = connect(tunnel.connector("rogue"));
+    let cid = expect_open(&mut p);
+    p.send_fragmented(
+        &[
+            Frame::OpenOk { cid, backend: "" },
+            Frame::Data {
+                cid,
+                seq: 0,
+                payload: b"in pieces",
+            },
+        ],
+        4,
+    );
+    let mut back = [0u8; 9];
+    client
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    client.read_exact(&mut back).expect("stream data");
+    assert_eq!(&back, b"in pieces");
+    assert!(!p.is_closed(), "the hub closed the session");
+    let log = tunnel.hub_log();
+    assert!(!log.contains("protocol error"), "{log}");
+}
+
 fn rogue_hello(agent_id: &str, connectors: &[&str]) -> Hello {
     Hello {
         agent_id: agent_id.into(),
