@@ -147,10 +147,11 @@ fn socket_worker(id: u64, mut job: Job) {
     }
 }
 
-/// Read buffers (capacity [`MAX_READ`]) going round between socket threads, which
-/// read into them and hand them over whole, and tunnel threads, which get them back from
-/// the session once framed. Recycling them keeps bulk reads off the allocator, which
-/// otherwise returns freed 64 KiB buffers to the kernel and faults fresh pages in per read.
+/// Buffers (capacity [`MAX_READ`]) going round between socket threads and tunnel threads:
+/// socket reads handed over whole and given back by the session once framed, and DATA
+/// remainders a tunnel thread queues for a socket thread, given back once written.
+/// Recycling them keeps bulk transfer off the allocator, which otherwise returns freed
+/// 64 KiB buffers to the kernel and faults fresh pages in per read.
 #[derive(Debug, Default)]
 pub(crate) struct BufPool {
     bufs: Mutex<Vec<Vec<u8>>>,
